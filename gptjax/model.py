@@ -1,0 +1,241 @@
+"""A decoder-only Transformer (GPT) in Flax linen.
+
+Dimension letters used in names:
+  B batch, L length, D d_model, H heads, K head dim, F MLP hidden, V vocabulary.
+
+Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, `position`,
+`norm`, and `layers` when scanned) and the main activations are constrained with
+`act_*` names; `config.mesh.rules` maps both to mesh axes, so this file never names a
+physical mesh axis.
+"""
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Static hyperparameters of the model (the `config.model` keys)."""
+  vocab_size: int
+  num_layers: int
+  num_heads: int
+  d_model: int
+  d_ff: int
+  max_len: int
+  dropout: float = 0.0
+  positions: str = "learned"
+  rope_theta: float = 10_000.0
+  norm: str = "layernorm"
+  mlp: str = "gelu"
+  use_bias: bool = False
+  tie_embeddings: bool = True
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = False
+  remat: str = "none"
+
+  def __post_init__(self):
+    choices = {"positions": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
+               "mlp": ("gelu", "swiglu"), "remat": ("none", "full", "dots")}
+    for key, allowed in choices.items():
+      if getattr(self, key) not in allowed:
+        raise ValueError(f"model.{key}={getattr(self, key)!r} is not one of {allowed}; "
+                         "set --config.model.{key} to one of them.")
+    if self.d_model % self.num_heads:
+      raise ValueError(f"model.d_model={self.d_model} is not divisible by model.num_heads="
+                       f"{self.num_heads}; choose heads that divide d_model.")
+    if self.positions == "rope" and self.head_dim % 2:
+      raise ValueError(f"RoPE needs an even head dim, got d_model/num_heads={self.head_dim}.")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+
+def _param(module, name, init, shape, axes, dtype):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _init(cfg: ModelConfig, residual: bool = False):
+  # GPT-2: N(0, 0.02), with projections into the residual stream scaled by 1/sqrt(2 * layers).
+  std = 0.02 / math.sqrt(2 * cfg.num_layers) if residual else 0.02
+  return nn.initializers.normal(std)
+
+
+class Norm(nn.Module):
+  """LayerNorm or RMSNorm, computed in float32 whatever the compute dtype."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD):
+    cfg = self.cfg
+    x = x_BLD.astype(jnp.float32)
+    if cfg.norm == "layernorm":
+      x = x - x.mean(-1, keepdims=True)
+    x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-5)
+    x = x * _param(self, "scale", nn.initializers.ones, (cfg.d_model,), ("norm",),
+                   cfg.weight_dtype)
+    if cfg.norm == "layernorm" and cfg.use_bias:
+      x = x + _param(self, "bias", nn.initializers.zeros, (cfg.d_model,), ("norm",),
+                     cfg.weight_dtype)
+    return x.astype(cfg.compute_dtype)
+
+
+def rope(x_BLHK, positions_BL, theta: float):
+  """Rotary position embedding, rotating channel pairs (i, i + K/2)."""
+  half = x_BLHK.shape[-1] // 2
+  freq_K = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BLK = positions_BL[..., None].astype(jnp.float32) * freq_K
+  sin, cos = jnp.sin(angle_BLK)[:, :, None, :], jnp.cos(angle_BLK)[:, :, None, :]
+  x1, x2 = jnp.split(x_BLHK.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BLHK.dtype)
+
+
+def attention_mask(segment_ids_BL):
+  """[B, 1, L, L] True where query and key share a packed segment (causality added apart)."""
+  return segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
+
+
+class Attention(nn.Module):
+  """Causal multi-head self-attention within packed segments."""
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BLD, segment_ids_BL, positions_BL):
+    cfg = self.cfg
+    H, K, D = cfg.num_heads, cfg.head_dim, cfg.d_model
+    # One fused projection for q, k and v: a single larger matmul runs faster than three.
+    w_qkv = _param(self, "qkv", _init(cfg), (D, 3, H, K), ("embed", None, "heads", "kv"),
+                   cfg.weight_dtype)
+    qkv_BL3HK = jnp.einsum("BLD,DTHK->BLTHK", x_BLD, w_qkv.astype(cfg.compute_dtype))
+    if cfg.use_bias:
+      b = _param(self, "qkv_bias", nn.initializers.zeros, (3, H, K), (None, "heads", "kv"),
+                 cfg.weight_dtype)
+      qkv_BL3HK = qkv_BL3HK + b.astype(cfg.compute_dtype)
+    q_BLHK, k_BLHK, v_BLHK = (qkv_BL3HK[:, :, i] for i in range(3))
+    if cfg.positions == "rope":
+      q_BLHK = rope(q_BLHK, positions_BL, cfg.rope_theta)
+      k_BLHK = rope(k_BLHK, positions_BL, cfg.rope_theta)
+    q_BLHK = nn.with_logical_constraint(q_BLHK, ("batch", "act_length", "act_heads", None))
+    out_BLHK = jax.nn.dot_product_attention(
+        q_BLHK, k_BLHK, v_BLHK, mask=attention_mask(segment_ids_BL), is_causal=True)
+    w_out = _param(self, "out", _init(cfg, residual=True), (H, K, D), ("heads", "kv", "embed"),
+                   cfg.weight_dtype)
+    y_BLD = jnp.einsum("BLHK,HKD->BLD", out_BLHK, w_out.astype(cfg.compute_dtype))
+    if cfg.use_bias:
+      y_BLD = y_BLD + _param(self, "out_bias", nn.initializers.zeros, (D,), ("embed",),
+                             cfg.weight_dtype).astype(cfg.compute_dtype)
+    return nn.Dropout(cfg.dropout, deterministic=self.deterministic)(y_BLD)
+
+
+class Mlp(nn.Module):
+  """GELU or SwiGLU feed-forward."""
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  def _dense(self, name, x, shape, axes, residual=False):
+    cfg = self.cfg
+    w = _param(self, name, _init(cfg, residual), shape, axes, cfg.weight_dtype)
+    y = x @ w.astype(cfg.compute_dtype)
+    if cfg.use_bias:
+      y = y + _param(self, name + "_bias", nn.initializers.zeros, shape[-1:], axes[-1:],
+                     cfg.weight_dtype).astype(cfg.compute_dtype)
+    return y
+
+  @nn.compact
+  def __call__(self, x_BLD):
+    cfg = self.cfg
+    D, F = cfg.d_model, cfg.d_ff
+    if cfg.mlp == "swiglu":
+      h_BLF = (nn.silu(self._dense("wi_gate", x_BLD, (D, F), ("embed", "mlp")))
+               * self._dense("wi_up", x_BLD, (D, F), ("embed", "mlp")))
+    else:
+      h_BLF = nn.gelu(self._dense("wi", x_BLD, (D, F), ("embed", "mlp")))
+    h_BLF = nn.with_logical_constraint(h_BLF, ("batch", "act_length", "act_mlp"))
+    y_BLD = self._dense("wo", h_BLF, (F, D), ("mlp", "embed"), residual=True)
+    return nn.Dropout(cfg.dropout, deterministic=self.deterministic)(y_BLD)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BLD, segment_ids_BL, positions_BL):
+    x_BLD = x_BLD + Attention(self.cfg, self.deterministic, name="attn")(
+        Norm(self.cfg, name="norm_attn")(x_BLD), segment_ids_BL, positions_BL)
+    x_BLD = x_BLD + Mlp(self.cfg, self.deterministic, name="mlp")(
+        Norm(self.cfg, name="norm_mlp")(x_BLD))
+    x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "act_length", "act_embed"))
+    return x_BLD, None  # (carry, output) so the same block serves nn.scan.
+
+
+def _block_class(cfg: ModelConfig):
+  if cfg.remat == "none":
+    return Block
+  # "dots" keeps matmul outputs and recomputes the cheap elementwise ops (less memory than
+  # none, less recompute than full).
+  policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+            if cfg.remat == "dots" else None)
+  return nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
+
+
+class Transformer(nn.Module):
+  """tokens [B, L] -> logits [B, L, V] (float32)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None,
+               deterministic: bool = True):
+    cfg = self.cfg
+    B, L = tokens_BL.shape
+    if segment_ids_BL is None:
+      segment_ids_BL = jnp.ones((B, L), jnp.int32)
+    if positions_BL is None:
+      positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    embedding_VD = _param(self, "embedding", _init(cfg), (cfg.vocab_size, cfg.d_model),
+                          ("vocab", "embed"), cfg.weight_dtype)
+    x_BLD = embedding_VD.astype(cfg.compute_dtype)[tokens_BL]
+    if cfg.positions == "learned":
+      pos_LD = _param(self, "pos_embedding", _init(cfg), (cfg.max_len, cfg.d_model),
+                      ("position", "embed"), cfg.weight_dtype)
+      x_BLD = x_BLD + pos_LD.astype(cfg.compute_dtype)[positions_BL]
+    x_BLD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BLD)
+    x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "act_length", "act_embed"))
+
+    block = _block_class(cfg)
+    if cfg.scan_layers:
+      blocks = nn.scan(block, variable_axes={"params": 0},
+                       split_rngs={"params": True, "dropout": True},
+                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                       metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BLD, _ = blocks(cfg, deterministic, name="blocks")(x_BLD, segment_ids_BL, positions_BL)
+    else:
+      for i in range(cfg.num_layers):
+        x_BLD, _ = block(cfg, deterministic, name=f"block_{i}")(
+            x_BLD, segment_ids_BL, positions_BL)
+
+    x_BLD = Norm(cfg, name="norm_final")(x_BLD)
+    if cfg.tie_embeddings:
+      head_DV = embedding_VD.T
+    else:
+      head_DV = _param(self, "head", _init(cfg), (cfg.d_model, cfg.vocab_size),
+                       ("embed", "vocab"), cfg.weight_dtype)
+    logits_BLV = x_BLD @ head_DV.astype(cfg.compute_dtype)
+    logits_BLV = nn.with_logical_constraint(logits_BLV, ("batch", "act_length", "act_vocab"))
+    return logits_BLV.astype(jnp.float32)

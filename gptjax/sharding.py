@@ -1,0 +1,83 @@
+"""The device mesh and the mapping from logical axis names to it.
+
+Models name logical axes only (`embed`, `heads`, `batch`, ...). `config.mesh.rules` maps each
+to mesh axes (`data`, `fsdp`, `tensor`) and this module turns that table into shardings.
+"""
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
+  """Resolves one -1 axis and checks that the axes multiply to the device count."""
+  shape = [int(sizes[a]) for a in MESH_AXES]
+  wild = [i for i, s in enumerate(shape) if s == -1]
+  spec = ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, shape))
+  if len(wild) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"Mesh {spec}: sizes must be positive with at most one -1; "
+                     "fix --config.mesh.*.")
+  if wild:
+    rest = math.prod(s for s in shape if s != -1)
+    if num_devices % rest:
+      raise ValueError(f"Mesh {spec}: the fixed axes ({rest}) do not divide the {num_devices} "
+                       "devices; choose sizes that divide the device count.")
+    shape[wild[0]] = num_devices // rest
+  if math.prod(shape) != num_devices:
+    raise ValueError(f"Mesh {spec} has {math.prod(shape)} devices but {num_devices} are "
+                     "available; make data * fsdp * tensor equal the device count "
+                     "(or set one axis to -1).")
+  return tuple(shape)
+
+
+def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(sizes, len(devices))
+  # Auto axes: the compiler propagates shardings from the annotated inputs and constraints
+  # (jax.make_mesh now defaults to Explicit axes, a different programming model).
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if len(devices) == len(jax.devices()):
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  """Number of ways the batch is split (data * fsdp)."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def rules_tuple(rules) -> tuple[tuple[str, object], ...]:
+  """Normalises a config rules table (lists from JSON) to hashable tuples."""
+  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+               for name, axes in rules)
+
+
+def logical_shardings(boxed_tree, mesh: Mesh, rules):
+  """NamedShardings for a tree whose leaves carry logical axis names (unannotated: replicated)."""
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules_tuple(rules))
+
+
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+  """Sharding of a [batch, length] input array."""
+  return nn.logical_to_mesh_sharding(P("batch", None), mesh, rules_tuple(rules))
+
+
+def check_divisible(abstract_tree, shardings, mesh: Mesh):
+  """Raises naming the parameter and axis when a mesh axis does not divide a dimension."""
+  for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(abstract_tree),
+                                    jax.tree_util.tree_leaves(shardings)):
+    for dim, axes in zip(leaf.shape, sharding.spec):
+      axes = (axes,) if isinstance(axes, str) else (axes or ())
+      size = math.prod(mesh.shape[a] for a in axes)
+      if dim % size:
+        raise ValueError(f"Parameter {jax.tree_util.keystr(path)} has a dimension of {dim} "
+                         f"that mesh axes {axes} (size {size}) do not divide; change the "
+                         "mesh or the rule in config.mesh.rules.")
