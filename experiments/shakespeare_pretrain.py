@@ -14,7 +14,7 @@ def get_config():
   c.model.max_len = 256
   c.data.dataset = "tiny_shakespeare"
   c.data.seq_len = 256
-  c.train.steps = 600
+  c.train.steps = 400
   c.train.batch_size = 16
   c.train.learning_rate = 2e-3
   c.train.warmup_steps = 50

@@ -4,6 +4,9 @@ One `CheckpointManager` step folder holds two items: `state` (params, optimizer 
 and `data` (the grain iterator's position), so a resumed run sees exactly the batches an
 uninterrupted one would. Orbax writes each step into a temporary folder and renames it only
 once complete, so a run killed mid-save leaves the previous checkpoint as the latest.
+
+Kept: the latest `max_to_keep` steps, plus the step with the lowest `eval_loss` among those
+saved with metrics (the "best" checkpoint that `--step best` and `init_from_step` pick).
 """
 
 import os
@@ -11,6 +14,11 @@ import os
 import grain
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+
+def _eval_loss(metrics) -> float:
+  return metrics["eval_loss"]
 
 
 class Checkpoints:
@@ -18,9 +26,14 @@ class Checkpoints:
 
   def __init__(self, directory: str, *, max_to_keep: int | None = 3, read_only: bool = False):
     self.directory = os.path.abspath(directory)
+    keep = checkpoint_managers.AnyPreservationPolicy([
+        checkpoint_managers.LatestN(n=max_to_keep),
+        checkpoint_managers.BestN(get_metric_fn=_eval_loss, reverse=True, n=1,
+                                  keep_checkpoints_without_metrics=False),
+    ])
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=True)
+        preservation_policy=keep, best_fn=_eval_loss, best_mode="min",
+        create=not read_only, read_only=read_only, enable_async_checkpointing=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -29,25 +42,61 @@ class Checkpoints:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state, data_iterator=None):
+  def best_step(self) -> int | None:
+    """The step with the lowest eval loss, or the latest if none was saved with one."""
+    best = self.manager.best_step()
+    return self.latest_step() if best is None else best
+
+  def resolve(self, step: int | str | None) -> int:
+    """A step number from None (latest), "best", "latest" or a number; raises if absent."""
+    if step in (None, "latest"):
+      found = self.latest_step()
+    elif step == "best":
+      found = self.best_step()
+    else:
+      found = int(step) if int(step) in self.all_steps() else None
+    if found is None:
+      have = ", ".join(map(str, self.all_steps())) or "none"
+      raise ValueError(f"No checkpoint {step or 'at all'} in {self.directory} (steps: {have}); "
+                       "train first or pick one of the saved steps.")
+    return found
+
+  def save(self, step: int, state, data_iterator=None, eval_loss: float | None = None):
     """Starts an asynchronous save; the next save or `wait` completes it."""
-    items = {"state": ocp.args.StandardSave(state)}
+    items = {"state": ocp.args.PyTreeSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    metrics = None if eval_loss is None else {"eval_loss": float(eval_loss)}
+    self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     """Restores the state onto the shardings of `abstract_state` (and the iterator in place)."""
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    items = {"state": _restore_args(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+
+  def restore_params(self, step: int, abstract_params):
+    """Restores only the parameters (no optimizer state), onto `abstract_params`' shardings.
+
+    Used to start a new stage or to serve a model: the optimizer it was trained with need
+    not match the one in use now.
+    """
+    args = _restore_args({"params": abstract_params}, partial=True)
+    return self.manager.restore(step, args=ocp.args.Composite(state=args)).state["params"]
 
   def wait(self):
     self.manager.wait_until_finished()
 
   def close(self):
     self.manager.close()
+
+
+def _restore_args(abstract_tree, partial: bool = False) -> ocp.args.PyTreeRestore:
+  # One handler (PyTree) for saving and restoring: a manager refuses to mix handler types.
+  return ocp.args.PyTreeRestore(
+      item=abstract_tree, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_tree),
+      partial_restore=partial)
 
 
 def abstract_like(tree, shardings):

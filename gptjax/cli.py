@@ -73,7 +73,7 @@ COMMANDS = {"train": cmd_train, "prepare": cmd_prepare}
 
 def main(argv):
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax and tfds log every step at INFO.
+    logging.set_verbosity(logging.ERROR)  # Orbax and tfds chatter at INFO and WARNING.
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"Expected one command out of {', '.join(COMMANDS)}; got {argv[1:]}.")
   from gptjax.train import NonFiniteLossError  # pylint: disable=g-import-not-at-top

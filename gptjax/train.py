@@ -7,7 +7,6 @@ stage builds other per-token weights), never in this loop.
 import dataclasses
 import functools
 import math
-import os
 import time
 from typing import Any
 
@@ -21,14 +20,13 @@ import optax
 import tqdm
 
 from gptjax import checkpoint as ckpt_lib
-from gptjax import config as config_lib
 from gptjax import data as data_lib
 from gptjax import loss as loss_lib
 from gptjax import metrics as metrics_lib
 from gptjax import model as model_lib
 from gptjax import optim
 from gptjax import sharding
-from gptjax import tokenizer as tokenizer_lib
+from gptjax import workdir as workdir_lib
 
 BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
 
@@ -209,50 +207,6 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
       raise ValueError(f"train.{key}={t[key]} must be positive.")
 
 
-# ----------------------------------------------------------------------------- workdir
-
-
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: str,
-                    documents=None) -> tokenizer_lib.Tokenizer:
-  """Checks DIR/config.json against `config`, writes it, and loads or trains the tokenizer.
-
-  Refuses (before writing anything) a workdir whose model shape differs from the config's.
-  """
-  config_path = os.path.join(workdir, "config.json")
-  if os.path.exists(config_path):
-    with open(config_path) as f:
-      old = config_lib.from_json(f.read())
-    diffs = config_lib.model_shape_diff(old, config)
-    if diffs:
-      raise ValueError(f"Workdir {workdir} holds a run with another model shape "
-                       f"({'; '.join(diffs)}); use a new --workdir or the same model config.")
-  tok_path = os.path.join(workdir, "tokenizer.model")
-  if os.path.exists(tok_path):
-    tokenizer = tokenizer_lib.Tokenizer.load(tok_path)
-  else:
-    tokenizer = None
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    _atomic_write(config_path, config_lib.to_json(config))
-  if tokenizer is None:
-    tokenizer = tokenizer_lib.train_tokenizer(
-        documents, vocab_size=config.model.vocab_size, model_type=config.tokenizer.model_type,
-        seed=config.train.seed, max_chars=config.tokenizer.max_chars)
-    if jax.process_index() == 0:
-      tokenizer.save(tok_path)
-  if tokenizer.vocab_size != config.model.vocab_size:
-    raise ValueError(f"{tok_path} has {tokenizer.vocab_size} tokens but model.vocab_size="
-                     f"{config.model.vocab_size}; use a new --workdir or matching vocab_size.")
-  return tokenizer
-
-
-def _atomic_write(path: str, text: str):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -283,9 +237,11 @@ def _local_rows(programs: Programs, global_rows: int) -> tuple[int, int]:
 
 
 def _check_finite(window: list[dict], first_step: int):
+  # A finite loss with non-finite gradients still poisons the parameters, so check both.
   for i, m in enumerate(window):
-    if not np.isfinite(m["loss"]):
-      raise NonFiniteLossError(f"Loss is {float(m['loss'])} at step {first_step + i + 1}")
+    if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
+      raise NonFiniteLossError(f"Loss is {float(m['loss'])} (gradient norm "
+                               f"{float(m['grad_norm'])}) at step {first_step + i + 1}")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
@@ -298,7 +254,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
   eval_source = data_lib.load_source(d.dataset, d.eval_split, d.data_dir) if d.eval_split else None
   train_docs = data_lib.text_documents(train_source, field=d.text_field,
                                        chunk_chars=d.chunk_chars)
-  tokenizer = prepare_workdir(config, workdir, train_docs)
+  tokenizer = workdir_lib.prepare(config, workdir, train_docs)
 
   programs = compile_programs(config, mesh)
   local_batch = t.batch_size // jax.process_count()
@@ -320,7 +276,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
         break
       eval_batches.append(batch)
 
-  checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"),
+  checkpoints = ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(workdir),
                                      max_to_keep=t.max_to_keep)
   writer = metrics_lib.MetricsWriter(workdir, stage=config.stage,
                                      primary=jax.process_index() == 0)
@@ -337,7 +293,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
                   dynamic_ncols=True, mininterval=1.0)
   window, window_start = [], start
   window_time, timed_steps = time.perf_counter(), 0
-  last_train, last_eval = {}, None
+  last_train, last_eval, evaluated_at = {}, None, None
   last_saved = f"step {start}" if start else "none yet"
   try:
     for step in range(start + 1, t.steps + 1):
@@ -345,12 +301,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
       state, metrics = programs.train_step(state, batch)
       window.append(metrics)  # Device arrays: no host sync until the window is logged.
       timed_steps += 1
-      if step == start + 1:  # Keep compilation out of tokens/s: time from the first step's end.
+      if step == start + 1 and step % t.log_every:
+        # Keep compilation out of tokens/s: time the window from the first step's end.
         jax.block_until_ready(metrics)
         window_time, timed_steps = time.perf_counter(), 0
       is_last = step == t.steps
       must_save = is_last or step % t.checkpoint_every == 0
-      if must_save or is_last or step % t.log_every == 0:
+      must_eval = bool(eval_batches) and (is_last or (t.eval_every and step % t.eval_every == 0))
+      # Metrics are checked before any eval or save, so a bad state is never saved.
+      if must_save or must_eval or step % t.log_every == 0:
         window = jax.device_get(window)
         _check_finite(window, window_start)
         elapsed = time.perf_counter() - window_time
@@ -363,12 +322,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
         bar.update(step - window_start)
         window, window_start = [], step
         window_time, timed_steps = time.perf_counter(), 0
-      if eval_batches and (is_last or (t.eval_every and step % t.eval_every == 0)):
-        last_eval = evaluate(programs, state.params, eval_batches)
+      if must_eval:
+        last_eval, evaluated_at = evaluate(programs, state.params, eval_batches), step
         writer.write(step, "eval", last_eval)
         window_time = time.perf_counter()  # Keep eval time out of tokens/s.
       if must_save:
-        checkpoints.save(step, state, train_iter)
+        checkpoints.save(step, state, train_iter,
+                         eval_loss=last_eval["loss"] if evaluated_at == step else None)
         last_saved = f"step {step}"
     checkpoints.wait()
   except NonFiniteLossError as e:

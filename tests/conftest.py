@@ -1,7 +1,7 @@
-"""Test setup: 8 fake CPU devices, so sharding is exercised for real on a laptop.
+"""Test setup: 8 fake CPU devices (so sharding is exercised for real) and tiny shared fixtures.
 
-XLA reads XLA_FLAGS when jax first initialises its backends, so this must run before any
-test imports jax.
+XLA reads XLA_FLAGS when jax first initialises its backends, so the flag is set here, before
+any test module imports jax.
 """
 
 import os
@@ -9,3 +9,56 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+
+TOKENIZER_VOCAB = 384  # Tiny, but above SentencePiece's minimum for Shakespeare's characters.
+
+
+@pytest.fixture(scope="session")
+def tfds_data_dir():
+  """The tfds data_dir holding prepared tiny_shakespeare (from TFDS_DATA_DIR)."""
+  data_dir = os.environ.get("TFDS_DATA_DIR")
+  if not data_dir or not os.path.isdir(os.path.join(data_dir, "tiny_shakespeare")):
+    pytest.skip("needs prepared tfds datasets: set TFDS_DATA_DIR (CI uses ../shared/tfds) or "
+                "run `python -m gptjax prepare --dataset tiny_shakespeare`")
+  return data_dir
+
+
+def tiny_config(data_dir=None):
+  """A 2-layer, d_model 32 model on tiny_shakespeare, small enough for a CPU test."""
+  from gptjax import config as config_lib
+
+  c = config_lib.base_config()
+  c.model.update(vocab_size=TOKENIZER_VOCAB, num_layers=2, num_heads=2, d_model=32, d_ff=64,
+                 max_len=32)
+  c.tokenizer.max_chars = 60_000
+  c.data.update(seq_len=32, chunk_chars=400, eval_batches=2)
+  if data_dir:
+    c.data.data_dir = data_dir
+  c.train.update(steps=4, batch_size=8, warmup_steps=1, learning_rate=3e-3, log_every=1,
+                 eval_every=2, checkpoint_every=2)
+  return c
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_file(tmp_path_factory, tfds_data_dir):
+  """A tokenizer trained once on a slice of tiny_shakespeare, saved to a file."""
+  from gptjax import data, tokenizer
+
+  docs = data.text_documents(data.load_source("tiny_shakespeare", "train", tfds_data_dir))
+  tok = tokenizer.train_tokenizer(docs, vocab_size=TOKENIZER_VOCAB, max_chars=60_000)
+  path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
+  tok.save(path)
+  return path
+
+
+@pytest.fixture
+def workdir(tmp_path, tiny_tokenizer_file):
+  """A fresh workdir with the shared tiny tokenizer already in place (skips its training)."""
+  path = tmp_path / "run"
+  path.mkdir()
+  shutil.copy(tiny_tokenizer_file, path / "tokenizer.model")
+  return str(path)

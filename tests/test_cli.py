@@ -1,0 +1,90 @@
+"""The command line: override errors before anything starts, and a train/resume round trip."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import TOKENIZER_VOCAB
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENT = os.path.join(ROOT, "experiments", "shakespeare_pretrain.py")
+
+
+def gptjax(*args, check=False):
+  out = subprocess.run([sys.executable, "-m", "gptjax", *args], capture_output=True, text=True,
+                       cwd=ROOT, timeout=600)
+  if check and out.returncode:
+    raise AssertionError(f"gptjax {args} failed:\n{out.stdout}\n{out.stderr}")
+  return out
+
+
+@pytest.mark.parametrize("override, key", [
+    ("--config.train.stepz=5", "stepz"),
+    ("--config.train.steps=abc", "steps"),
+])
+def test_bad_override_names_the_key_and_starts_nothing(tmp_path, override, key):
+  out = gptjax("train", "--config", EXPERIMENT, "--workdir", str(tmp_path / "run"), override)
+  assert out.returncode != 0
+  assert key in out.stderr
+  assert not (tmp_path / "run").exists()
+
+
+def test_unknown_command_is_a_usage_error():
+  out = gptjax("trian")
+  assert out.returncode != 0 and "Expected one command" in out.stderr
+
+
+def test_prepare_without_a_dataset_says_what_is_missing():
+  out = gptjax("prepare")
+  assert out.returncode != 0 and "needs --dataset" in out.stderr
+
+
+TINY_EXPERIMENT = f'''
+from gptjax import config as config_lib
+
+def get_config():
+  c = config_lib.base_config()
+  c.model.update(vocab_size={TOKENIZER_VOCAB}, num_layers=2, num_heads=2, d_model=32, d_ff=64,
+                 max_len=32)
+  c.tokenizer.max_chars = 60_000
+  c.data.update(seq_len=32, chunk_chars=400, eval_batches=2)
+  c.train.update(steps=4, batch_size=8, warmup_steps=1, log_every=2, eval_every=2,
+                 checkpoint_every=2)
+  return c
+'''
+
+
+@pytest.mark.slow
+def test_train_writes_the_workdir_contract_and_resumes(tmp_path, tfds_data_dir,
+                                                       tiny_tokenizer_file):
+  experiment = tmp_path / "tiny.py"
+  experiment.write_text(TINY_EXPERIMENT)
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  shutil.copy(tiny_tokenizer_file, workdir / "tokenizer.model")
+  out = gptjax("train", "--config", str(experiment), "--workdir", str(workdir),
+               f"--config.data.data_dir={tfds_data_dir}", check=True)
+  assert "Done: pretrain at step 4" in out.stdout
+  assert {"config.json", "tokenizer.model", "checkpoints", "metrics.jsonl",
+          "tensorboard"} <= set(os.listdir(workdir))
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+  assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 4
+
+  out = gptjax("train", "--config", str(experiment), "--workdir", str(workdir),
+               f"--config.data.data_dir={tfds_data_dir}", "--config.train.steps=6", check=True)
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  train_rows = [r for r in rows if r["split"] == "train"]
+  assert [r["step"] for r in train_rows] == [2, 4, 6], "a rerun resumes after step 4"
+  assert all({"lr", "grad_norm", "tokens_per_sec", "stage"} <= set(r) for r in train_rows)
+  assert {r["step"] for r in rows if r["split"] == "eval"} == {2, 4, 6}
+  assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_console_script_is_installed():
+  script = shutil.which("gptjax", path=os.path.dirname(sys.executable))
+  assert script, "pip install should put a `gptjax` script beside python"
+  out = subprocess.run([script, "--helpfull"], capture_output=True, text=True, timeout=120)
+  assert "--workdir" in out.stdout
