@@ -92,6 +92,13 @@ class Checkpoints:
     self.manager.close()
 
 
+def latest_step(directory: str) -> int | None:
+  """The latest complete checkpoint step in `directory`, None if none (creates nothing)."""
+  if not os.path.isdir(directory):
+    return None
+  return Checkpoints(directory, read_only=True).latest_step()
+
+
 def _restore_args(abstract_tree, partial: bool = False) -> ocp.args.PyTreeRestore:
   # One handler (PyTree) for saving and restoring: a manager refuses to mix handler types.
   return ocp.args.PyTreeRestore(

@@ -14,6 +14,8 @@ def base_config() -> ml_collections.ConfigDict:
   """Defaults for every key; experiments override a few."""
   c = ml_collections.ConfigDict()
   c.stage = "pretrain"  # Name of this training stage; recorded in every metrics row.
+  c.init_from = ""  # Workdir of an earlier stage whose parameters start this one ("" = none).
+  c.init_from_step = "latest"  # Its checkpoint: "latest", "best" or a step number.
 
   c.model = m = ml_collections.ConfigDict()
   m.vocab_size = 1024  # Tokenizer vocabulary; the tokenizer is trained to exactly this size.
@@ -39,7 +41,10 @@ def base_config() -> ml_collections.ConfigDict:
   t.max_chars = 5_000_000  # Characters of training text the tokenizer trainer reads at most.
 
   c.data = d = ml_collections.ConfigDict()
-  d.dataset = "tiny_shakespeare"  # tfds dataset name, read with tfds.data_source.
+  d.kind = "text"  # "text": documents for pretraining; "dialogue": conversations.
+  # tfds dataset(s), comma-separated and mixed in proportion to size; an entry may name its
+  # own splits as NAME:TRAIN_SPLIT:EVAL_SPLIT. Dialogue datasets become transcripts in "text".
+  d.dataset = "tiny_shakespeare"
   d.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir; None: tfds' own (honours TFDS_DATA_DIR).
   d.train_split = "train"  # Split to train on.
   d.eval_split = "validation"  # Split to evaluate on; "" disables eval.
@@ -47,6 +52,14 @@ def base_config() -> ml_collections.ConfigDict:
   d.chunk_chars = 2_000  # Long records are cut into documents of at most this many characters.
   d.seq_len = 256  # Tokens per packed row; at most model.max_len.
   d.eval_batches = 0  # Eval batches per evaluation; 0: the whole eval split.
+  d.train_files = ""  # dialogue: comma-separated JSONL chat files used instead of `dataset`.
+  d.eval_files = ""  # dialogue: JSONL chat files to evaluate on (with train_files).
+  d.strict = False  # dialogue: stop at the first bad record instead of skipping it.
+
+  c.dialogue = dl = ml_collections.ConfigDict()
+  # Weight of every non-assistant token (system, user, template) against reply tokens (1):
+  # 1.0 is dialogue regression (the whole dialogue is the target); 0.0 trains on replies only.
+  dl.history_weight = 1.0
 
   c.train = tr = ml_collections.ConfigDict()
   tr.steps = 1_000  # Optimizer steps.
@@ -64,7 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
   tr.log_every = 10  # Steps between train rows in metrics.jsonl (metrics are averaged over them).
   tr.eval_every = 200  # Steps between evaluations; 0 disables (a final eval still runs).
   tr.checkpoint_every = 200  # Steps between checkpoints; one is always saved at the end.
-  tr.max_to_keep = 3  # Checkpoints kept in the workdir.
+  tr.max_to_keep = 3  # Latest checkpoints kept in the workdir (plus the best by eval loss).
+  tr.trainable = "all"  # "all", "no_embed" (freeze embeddings) or "top:N" (top N blocks + head).
+  tr.patience = 0  # Stop after this many evals without a lower eval loss; 0 never stops.
 
   c.mesh = ms = ml_collections.ConfigDict()
   # Device mesh sizes; their product is the device count. -1 on one axis takes the rest.

@@ -1,4 +1,4 @@
-"""Pretraining data: tfds sources -> text documents -> packed rows -> grain batches.
+"""Training data: tfds sources -> documents -> packed rows -> grain batches.
 
 Every batch is a dict of numpy arrays of shape [batch, seq_len]:
 
@@ -7,6 +7,10 @@ Every batch is a dict of numpy arrays of shape [batch, seq_len]:
   weights     float32  loss weight of each target; 0 on padding
   segment_ids int32    1, 2, 3, ... per packed document inside a row; 0 on padding
   positions   int32    position within its segment, 0 at each segment start
+
+A document may carry more per-token arrays than `weights` (the dialogue stage adds
+`assistant`, 1 on reply tokens); each is shifted onto targets like `weights` and becomes a
+float32 row of that name (`extra_keys`).
 
 Packing. A document is a token sequence with one loss weight per token ([bos] + text +
 [eos] with weights 1 for pretraining; the dialogue stage brings its own weights). It yields
@@ -141,15 +145,17 @@ def tokenize_document(text: str, tokenizer: Tokenizer) -> dict[str, np.ndarray]:
 class PackedDataset(grain.IterDataset):
   """Packs documents {"tokens", "weights"} into rows of seq_len (see module docstring)."""
 
-  def __init__(self, documents: grain.IterDataset, seq_len: int):
+  def __init__(self, documents: grain.IterDataset, seq_len: int,
+               extra_keys: Sequence[str] = ()):
     super().__init__(documents)
     if seq_len < 1:
       raise ValueError(f"seq_len={seq_len} is not positive; expected >= 1; pass a positive "
                        "seq_len.")
     self._seq_len = seq_len
+    self._extra_keys = tuple(extra_keys)
 
   def __iter__(self) -> "PackedIterator":
-    return PackedIterator(iter(self._parent), self._seq_len)
+    return PackedIterator(iter(self._parent), self._seq_len, self._extra_keys)
 
   def __str__(self) -> str:
     return f"PackedDataset(seq_len={self._seq_len})"
@@ -158,24 +164,26 @@ class PackedDataset(grain.IterDataset):
 class PackedIterator(grain.DatasetIterator):
   """Iterator of PackedDataset; its state is (input state before document, pairs done)."""
 
-  def __init__(self, documents: grain.DatasetIterator, seq_len: int):
+  def __init__(self, documents: grain.DatasetIterator, seq_len: int,
+               extra_keys: Sequence[str] = ()):
     super().__init__(documents)
     self._documents = documents
     self._seq_len = seq_len
+    self._row_dtypes = {**ROW_DTYPES, **{k: np.float32 for k in extra_keys}}
     self._document = None  # The partly written document, or None between documents.
     self._document_state = None  # Input state from before `_document` was read.
     self._offset = 0  # Pairs of `_document` already written to earlier rows.
 
   def __next__(self) -> dict[str, np.ndarray]:
-    row = {name: np.zeros(self._seq_len, dtype) for name, dtype in ROW_DTYPES.items()}
+    row = {name: np.zeros(self._seq_len, dtype) for name, dtype in self._row_dtypes.items()}
     filled, segment_id = 0, 0
     while filled < self._seq_len:
       if self._document is None and not self._read_document():
         break
-      tokens_N, weights_N = self._document["tokens"], self._document["weights"]
+      tokens_N = self._document["tokens"]
       count = min(self._seq_len - filled, len(tokens_N) - 1 - self._offset)
       segment_id += 1
-      _write_segment(row, filled, segment_id, tokens_N, weights_N, self._offset, count)
+      _write_segment(row, filled, segment_id, self._document, self._offset, count)
       filled += count
       self._offset += count
       if self._offset == len(tokens_N) - 1:
@@ -232,15 +240,17 @@ def _check_document(document: Any) -> None:
 
 
 def _write_segment(row: dict[str, np.ndarray], start: int, segment_id: int,
-                   tokens_N: np.ndarray, weights_N: np.ndarray, offset: int,
-                   count: int) -> None:
+                   document: dict[str, np.ndarray], offset: int, count: int) -> None:
   """Writes pairs [offset, offset + count) of a document at row[start:] as one segment."""
   end = start + count
+  tokens_N = document["tokens"]
   row["inputs"][start:end] = tokens_N[offset:offset + count]
   row["targets"][start:end] = tokens_N[offset + 1:offset + count + 1]
-  row["weights"][start:end] = weights_N[offset + 1:offset + count + 1]
   row["segment_ids"][start:end] = segment_id
   row["positions"][start:end] = np.arange(count)
+  for name in row:
+    if name in document and name != "tokens":  # weights and extra keys: target-aligned.
+      row[name][start:end] = document[name][offset + 1:offset + count + 1]
 
 
 def batch_rows(rows: grain.IterDataset, *, batch_size: int) -> grain.IterDataset:
@@ -270,13 +280,27 @@ def make_pretrain_dataset(documents: Sequence[str], tokenizer: Tokenizer, *, seq
   This process reads documents[shard_index::shard_count]. Shuffling happens per epoch
   (grain folds the epoch into the seed); num_epochs=None repeats forever.
   """
-  _check_pipeline_args(len(documents), shard_index, shard_count, num_epochs)
-  ds = grain.MapDataset.source(documents)[shard_index::shard_count]
+  return make_dataset(documents, functools.partial(tokenize_document, tokenizer=tokenizer),
+                      seq_len=seq_len, batch_size=batch_size, seed=seed,
+                      shard_index=shard_index, shard_count=shard_count, shuffle=shuffle,
+                      num_epochs=num_epochs)
+
+
+def make_dataset(items: Sequence[Any], to_document, *, seq_len: int, batch_size: int,
+                 seed: int, shard_index: int = 0, shard_count: int = 1, shuffle: bool = True,
+                 num_epochs: int | None = None,
+                 extra_keys: Sequence[str] = ()) -> grain.IterDataset:
+  """Batches of packed rows from `items`, each mapped by `to_document` to {"tokens", ...}.
+
+  The one pipeline of every stage: shard by process, shuffle per epoch, map, pack, batch.
+  """
+  _check_pipeline_args(len(items), shard_index, shard_count, num_epochs)
+  ds = grain.MapDataset.source(items)[shard_index::shard_count]
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
-  ds = ds.map(functools.partial(tokenize_document, tokenizer=tokenizer))
-  rows = PackedDataset(ds.to_iter_dataset(_SYNCHRONOUS), seq_len)
+  ds = ds.map(to_document)
+  rows = PackedDataset(ds.to_iter_dataset(_SYNCHRONOUS), seq_len, extra_keys)
   return batch_rows(rows, batch_size=batch_size)
 
 

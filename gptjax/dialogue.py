@@ -15,10 +15,12 @@ every other token (system and user turns, role markers, bos/eos) weighs `history
 
 import dataclasses
 import json
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Sequence
 
 import numpy as np
 
+from gptjax import data as data_lib
 from gptjax.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -57,40 +59,181 @@ class Rendered:
   """A conversation as tokens [N] with per-token weights [N] and an assistant mask [N].
 
   `weights[i]` and `assistant[i]` describe predicting `tokens[i]` (the packer shifts them
-  onto targets); `turn_starts` are the token offsets where each message begins.
+  onto targets).
   """
   tokens: np.ndarray
   weights: np.ndarray
   assistant: np.ndarray
-  turn_starts: tuple[int, ...]
+
+
+def _assemble(turns: Sequence[tuple[str, list[int]]], tokenizer: Tokenizer,
+              history_weight: float, add_generation_prompt: bool) -> Rendered:
+  """The template over already-encoded (role, content ids) turns."""
+  tokens, assistant = [tokenizer.bos_id], [0.0]
+  for role, content in turns:
+    is_reply = 1.0 if role == "assistant" else 0.0
+    tokens += [role_id(tokenizer, role), *content, tokenizer.end_id]
+    # The role marker is predicted from the history; the content and <|end|> are the reply.
+    assistant += [0.0] + [is_reply] * (len(content) + 1)
+  tokens.append(tokenizer.assistant_id if add_generation_prompt else tokenizer.eos_id)
+  assistant.append(0.0)
+  assistant_N = np.asarray(assistant, np.float32)
+  weights_N = np.where(assistant_N > 0, 1.0, history_weight).astype(np.float32)
+  return Rendered(np.asarray(tokens, np.int32), weights_N, assistant_N)
 
 
 def render(messages: Sequence[dict], tokenizer: Tokenizer, *, history_weight: float = 1.0,
            add_generation_prompt: bool = False) -> Rendered:
   """Renders messages with the chat template (see module docstring).
 
-  With `add_generation_prompt`, no eos is appended and the rendering ends with
-  `<|assistant|>`: the prompt a model continues with its reply.
+  With `add_generation_prompt`, the rendering ends with `<|assistant|>` instead of eos: the
+  prompt a model continues with its reply.
   """
-  tokens, assistant, starts = [tokenizer.bos_id], [0.0], []
-  for m in messages:
-    starts.append(len(tokens))
-    content = tokenizer.encode(m["content"])
-    is_reply = 1.0 if m["role"] == "assistant" else 0.0
-    tokens += [role_id(tokenizer, m["role"]), *content, tokenizer.end_id]
-    # The role marker is predicted from the history, the content and <|end|> are the reply.
-    assistant += [0.0] + [is_reply] * (len(content) + 1)
-  if add_generation_prompt:
-    tokens.append(tokenizer.assistant_id)
-    assistant.append(0.0)
-  else:
-    tokens.append(tokenizer.eos_id)
-    assistant.append(0.0)
-  assistant_N = np.asarray(assistant, np.float32)
-  weights_N = np.where(assistant_N > 0, 1.0, history_weight).astype(np.float32)
-  return Rendered(np.asarray(tokens, np.int32), weights_N, assistant_N, tuple(starts))
+  turns = [(m["role"], tokenizer.encode(m["content"])) for m in messages]
+  return _assemble(turns, tokenizer, history_weight, add_generation_prompt)
 
 
 def render_prompt(messages: Sequence[dict], tokenizer: Tokenizer) -> list[int]:
   """Token ids of a chat history followed by `<|assistant|>`, ready for generation."""
   return render(messages, tokenizer, add_generation_prompt=True).tokens.tolist()
+
+
+def render_fitting(messages: Sequence[dict], tokenizer: Tokenizer, max_tokens: int, *,
+                   history_weight: float = 1.0) -> tuple[Rendered, bool]:
+  """Renders a conversation in at most `max_tokens`, dropping its oldest turns if needed.
+
+  Keeps a leading system message and the most recent turns from a user turn onwards (so
+  every kept reply has the context before it). Returns (rendering, whether it was cut). If
+  even the last exchange is too long it is returned whole, and packing splits it.
+  """
+  turns = [(m["role"], tokenizer.encode(m["content"])) for m in messages]
+  full = _assemble(turns, tokenizer, history_weight, False)
+  if len(full.tokens) <= max_tokens:
+    return full, False
+  head = turns[:1] if turns[0][0] == "system" else []
+  body = turns[len(head):]
+  # Template cost of a turn: role marker + content + <|end|>; plus bos and eos overall.
+  sizes = [len(content) + 2 for _, content in body]
+  budget = max_tokens - 2 - sum(len(c) + 2 for _, c in head)
+  starts = [i for i, (role, _) in enumerate(body) if role == "user"
+            and any(r == "assistant" for r, _ in body[i:])] or [0]
+  fitting = [i for i in starts if sum(sizes[i:]) <= budget]
+  start = fitting[0] if fitting else starts[-1]
+  return _assemble(head + body[start:], tokenizer, history_weight, False), True
+
+
+def conversation_document(rendered: Rendered) -> dict[str, np.ndarray]:
+  """The packer's document for a rendered conversation."""
+  return {"tokens": rendered.tokens, "weights": rendered.weights,
+          "assistant": rendered.assistant}
+
+
+def as_text(messages: Sequence[dict]) -> str:
+  """Plain-text transcript, one "Role: content" line a turn (dialogues as pretraining text)."""
+  return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def sgd_messages(record) -> list[dict]:
+  """tfds schema_guided_dialogue: utterances alternate from first_speaker (0 USER, 1 SYSTEM).
+
+  USER becomes `user` and SYSTEM (the service agent) becomes `assistant`.
+  """
+  roles = ("user", "assistant") if int(record["first_speaker"]) == 0 else ("assistant", "user")
+  return [{"role": roles[i % 2], "content": _text(u)}
+          for i, u in enumerate(record["utterances"])]
+
+
+# tfds dialogue datasets: name -> record-to-messages converter.
+TFDS_DIALOGUES = {"schema_guided_dialogue": sgd_messages}
+
+
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """What loading a source kept and skipped (bad records are counted, never fatal)."""
+  source: str
+  used: int = 0
+  skipped: int = 0
+  problems: list[str] = dataclasses.field(default_factory=list)  # The first few, located.
+
+  def skip(self, where: str, why: str, strict: bool):
+    if strict:
+      raise BadConversation(f"{where}: {why} (data.strict=True stops at the first bad record; "
+                            "fix it or set --config.data.strict=False to skip bad records).")
+    self.skipped += 1
+    if len(self.problems) < 5:
+      self.problems.append(f"{where}: {why}")
+
+  def summary(self) -> str:
+    line = f"{self.source}: {self.used} conversations"
+    if self.skipped:
+      line += f", {self.skipped} bad records skipped (first: {'; '.join(self.problems)})"
+    return line
+
+
+def read_jsonl(path: str, *, strict: bool = False) -> tuple[list[list[dict]], LoadReport]:
+  """Conversations from a JSONL file, one {"messages": [{"role", "content"}, ...]} a line."""
+  if not os.path.exists(path):
+    raise ValueError(f"Dialogue file {path} does not exist; pass a JSONL file with one "
+                     '{"messages": [...]} object a line.')
+  report, conversations = LoadReport(path), []
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      where = f"{path}:{lineno}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError:
+        report.skip(where, "not UTF-8", strict)
+        continue
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        report.skip(where, f"invalid JSON ({e.msg})", strict)
+        continue
+      if not isinstance(record, dict) or "messages" not in record:
+        report.skip(where, "no 'messages' field", strict)
+        continue
+      try:
+        conversations.append(check_conversation(record["messages"]))
+      except BadConversation as e:
+        report.skip(where, str(e), strict)
+  report.used = len(conversations)
+  return conversations, report
+
+
+def read_tfds(name: str, split: str, data_dir: str | None = None, *,
+              strict: bool = False) -> tuple[list[list[dict]], LoadReport]:
+  """Conversations of a tfds dialogue dataset split (see TFDS_DIALOGUES)."""
+  if name not in TFDS_DIALOGUES:
+    raise ValueError(f"tfds dataset {name!r} is not a known dialogue dataset; expected one of "
+                     f"{sorted(TFDS_DIALOGUES)} or JSONL files in data.train_files.")
+  source = data_lib.load_source(name, split, data_dir)
+  report, conversations = LoadReport(f"{name}[{split}]"), []
+  for index in range(len(source)):
+    try:
+      conversations.append(check_conversation(TFDS_DIALOGUES[name](source[index])))
+    except BadConversation as e:
+      report.skip(f"{name}[{split}] record {index}", str(e), strict)
+  report.used = len(conversations)
+  return conversations, report
+
+
+def load(spec: str, split: str, data_dir: str | None = None, *,
+         strict: bool = False) -> tuple[list[list[dict]], LoadReport]:
+  """Conversations from a JSONL path (`*.jsonl`) or a tfds dialogue dataset name."""
+  if spec.endswith(".jsonl"):
+    conversations, report = read_jsonl(spec, strict=strict)
+  else:
+    conversations, report = read_tfds(spec, split, data_dir, strict=strict)
+  if not conversations:
+    raise ValueError(f"{report.summary()}: no usable conversation; expected at least one with "
+                     "an assistant turn; check the source.")
+  return conversations, report

@@ -1,7 +1,9 @@
 """Next-token cross-entropy with per-token weights, in float32.
 
 Both stages use this one loss: pretraining weighs every real token 1 and padding 0; the
-dialogue stage only builds different weights.
+dialogue stage weighs reply tokens 1 and history tokens `history_weight`, and its batches
+carry an `assistant` mask so the reply-only loss is reported on the same footing whatever the
+weights.
 """
 
 import jax
@@ -24,3 +26,24 @@ def weighted_nll(logits_BLV, targets_BL, weights_BL):
   """
   weights_BL = weights_BL.astype(jnp.float32)
   return (token_nll(logits_BLV, targets_BL) * weights_BL).sum(), weights_BL.sum()
+
+
+def loss_sums(logits_BLV, batch) -> dict:
+  """Sums for the objective (`loss_sum` / `weight_sum`) and, for dialogue batches, for the
+  assistant tokens alone (`assistant_sum` / `assistant_count`)."""
+  nll_BL = token_nll(logits_BLV, batch["targets"])
+  weights_BL = batch["weights"].astype(jnp.float32)
+  sums = {"loss_sum": (nll_BL * weights_BL).sum(), "weight_sum": weights_BL.sum()}
+  if "assistant" in batch:
+    assistant_BL = batch["assistant"].astype(jnp.float32)
+    sums["assistant_sum"] = (nll_BL * assistant_BL).sum()
+    sums["assistant_count"] = assistant_BL.sum()
+  return sums
+
+
+def means(sums: dict) -> dict:
+  """Mean losses from summed totals: `loss` and, if present, `assistant_loss`."""
+  out = {"loss": sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0)}
+  if "assistant_sum" in sums:
+    out["assistant_loss"] = sums["assistant_sum"] / jnp.maximum(sums["assistant_count"], 1.0)
+  return out

@@ -20,15 +20,14 @@ import optax
 import tqdm
 
 from gptjax import checkpoint as ckpt_lib
-from gptjax import data as data_lib
+from gptjax import datasets
+from gptjax import evaluate as evaluate_lib
 from gptjax import loss as loss_lib
 from gptjax import metrics as metrics_lib
 from gptjax import model as model_lib
 from gptjax import optim
 from gptjax import sharding
 from gptjax import workdir as workdir_lib
-
-BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,17 +50,19 @@ def make_optimizer(config: ml_collections.ConfigDict):
   return optim.make_optimizer(
       learning_rate=t.learning_rate, warmup_steps=t.warmup_steps, steps=t.steps,
       min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, eps=t.eps,
-      grad_clip=t.grad_clip)
+      grad_clip=t.grad_clip, trainable=t.trainable, num_layers=config.model.num_layers)
 
 
 # ----------------------------------------------------------------------------- the steps
 
 
 def _loss_sums(params, batch, *, model, rng, train: bool):
+  """(objective sum, all sums): the first is what gradients are taken of."""
   logits_BLV = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
                            batch["positions"], deterministic=not train,
                            rngs={"dropout": rng} if train else {})
-  return loss_lib.weighted_nll(logits_BLV, batch["targets"], batch["weights"])
+  sums = loss_lib.loss_sums(logits_BLV, batch)
+  return sums["loss_sum"], sums
 
 
 def train_step(state: TrainState, batch, *, model, tx, schedule, rng, grad_accum_steps: int = 1):
@@ -72,10 +73,9 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, rng, grad_accum
   weight, so the update equals that of the whole batch at once.
   """
   step_rng = jax.random.fold_in(rng, state.step)
-  grad_fn = jax.value_and_grad(functools.partial(_loss_sums, model=model, train=True),
-                               has_aux=True)
+  grad_fn = jax.grad(functools.partial(_loss_sums, model=model, train=True), has_aux=True)
   if grad_accum_steps == 1:
-    (loss_sum, weight_sum), grads = grad_fn(state.params, batch, rng=step_rng)
+    grads, sums = grad_fn(state.params, batch, rng=step_rng)
   else:
     # Row i goes to micro-batch i % A, so every device contributes to every micro-batch.
     micro = jax.tree.map(
@@ -83,25 +83,25 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, rng, grad_accum
 
     def accumulate(carry, xs):
       i, mb = xs
-      (s, w), g = grad_fn(state.params, mb, rng=jax.random.fold_in(step_rng, i))
-      return jax.tree.map(jnp.add, carry, (s, w, g)), None
+      return jax.tree.map(jnp.add, carry,
+                          grad_fn(state.params, mb, rng=jax.random.fold_in(step_rng, i))), None
 
-    zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
-    (loss_sum, weight_sum, grads), _ = jax.lax.scan(
-        accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
-  denom = jnp.maximum(weight_sum, 1.0)
+    zeros = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro),
+                           rng=step_rng)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), zeros)
+    (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
+  denom = jnp.maximum(sums["weight_sum"], 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads),
-             "lr": schedule(state.step), "tokens": weight_sum}
+  metrics = {**loss_lib.means(sums), "grad_norm": optax.global_norm(grads),
+             "lr": schedule(state.step), "tokens": sums["weight_sum"]}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def eval_step(params, batch, *, model):
-  """Sums over one eval batch: {"loss_sum", "weight_sum"}."""
-  loss_sum, weight_sum = _loss_sums(params, batch, model=model, rng=None, train=False)
-  return {"loss_sum": loss_sum, "weight_sum": weight_sum}
+  """Loss sums over one eval batch (see loss.loss_sums)."""
+  return _loss_sums(params, batch, model=model, rng=None, train=False)[1]
 
 
 # ----------------------------------------------------------------------------- compiling
@@ -177,8 +177,8 @@ def compile_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh)
 
 def global_batch(batch: dict, batch_sharding) -> dict:
   """This process's rows -> one global jax.Array per key."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(batch[k]))
-          for k in BATCH_KEYS}
+  return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+          for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------- checks
@@ -215,25 +215,8 @@ class TrainResult:
   state: TrainState
   last_train: dict  # Mean train metrics of the last logging window.
   last_eval: dict | None  # Metrics of the last evaluation.
-
-
-def evaluate(programs: Programs, params, batches) -> dict:
-  """Loss and perplexity over `batches` (global numpy batches); every token counted once."""
-  sums = None
-  lo, hi = _local_rows(programs, batches[0]["inputs"].shape[0]) if batches else (0, 0)
-  for batch in batches:
-    local = {k: batch[k][lo:hi] for k in BATCH_KEYS}
-    out = programs.eval_step(params, global_batch(local, programs.batch_sharding))
-    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-  sums = jax.device_get(sums)
-  tokens = float(sums["weight_sum"])
-  loss = float(sums["loss_sum"]) / max(tokens, 1.0)
-  return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
-
-
-def _local_rows(programs: Programs, global_rows: int) -> tuple[int, int]:
-  per = global_rows // jax.process_count()
-  return jax.process_index() * per, (jax.process_index() + 1) * per
+  best_step: int | None = None  # Checkpoint with the lowest eval loss.
+  stopped_early: bool = False
 
 
 def _check_finite(window: list[dict], first_step: int):
@@ -244,59 +227,76 @@ def _check_finite(window: list[dict], first_step: int):
                                f"{float(m['grad_norm'])}) at step {first_step + i + 1}")
 
 
+class EarlyStopping:
+  """Counts evaluations since the lowest eval loss; rebuilt from metrics.jsonl on resume."""
+
+  def __init__(self, patience: int, eval_rows: list[dict]):
+    self.patience, self.best, self.since = patience, math.inf, 0
+    for row in eval_rows:
+      self.update(row["loss"])
+
+  def update(self, loss: float) -> bool:
+    """Records an eval loss; True if it is the best so far."""
+    improved = loss < self.best
+    self.best, self.since = (loss, 0) if improved else (self.best, self.since + 1)
+    return improved
+
+  @property
+  def should_stop(self) -> bool:
+    return self.patience > 0 and self.since >= self.patience
+
+
+def _start_state(config, workdir: str, programs: Programs, checkpoints, train_iter):
+  """(state, step): resumed from this run's latest checkpoint, else fresh (from init_from)."""
+  start = checkpoints.latest_step()
+  if start is not None:
+    return checkpoints.restore(start, programs.abstract_state(), train_iter), start
+  state = programs.init(jax.random.key(config.train.seed))
+  if config.init_from:
+    # Parameters from the earlier stage; optimizer state and step start fresh.
+    source = ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(config.init_from), read_only=True)
+    params = source.restore_params(int(config.init_from_step), programs.abstract_state().params)
+    state = state.replace(params=params)
+  return state, 0
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
           progress: bool = True) -> TrainResult:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
   mesh = mesh or sharding.make_mesh(config.mesh)
   validate(config, mesh)
-  d, t = config.data, config.train
-  train_source = data_lib.load_source(d.dataset, d.train_split, d.data_dir)
-  eval_source = data_lib.load_source(d.dataset, d.eval_split, d.data_dir) if d.eval_split else None
-  train_docs = data_lib.text_documents(train_source, field=d.text_field,
-                                       chunk_chars=d.chunk_chars)
-  tokenizer = workdir_lib.prepare(config, workdir, train_docs)
+  t = config.train
+  checkpoint_dir = workdir_lib.checkpoint_dir(workdir)
+  if config.init_from and ckpt_lib.latest_step(checkpoint_dir) is None:
+    workdir_lib.resolve_init_from(config, workdir)  # Checks, copies the tokenizer, pins step.
+  tokenizer = workdir_lib.prepare(config, workdir, lambda: datasets.tokenizer_texts(config))
+  primary = jax.process_index() == 0
+  train_ds, notes = datasets.train_dataset(
+      config, tokenizer, batch_size=t.batch_size // jax.process_count(),
+      shard_index=jax.process_index(), shard_count=jax.process_count())
+  eval_batches, eval_notes = datasets.eval_batches(config, tokenizer)
+  for note in notes + eval_notes if primary and progress else ():
+    print(note)
 
   programs = compile_programs(config, mesh)
-  local_batch = t.batch_size // jax.process_count()
-  train_ds = data_lib.make_pretrain_dataset(
-      train_docs, tokenizer, seq_len=d.seq_len, batch_size=local_batch, seed=t.seed,
-      shard_index=jax.process_index(), shard_count=jax.process_count())
   train_iter = iter(train_ds)
-  eval_batches = []
-  if eval_source is not None:
-    eval_docs = data_lib.text_documents(eval_source, field=d.text_field,
-                                        chunk_chars=d.chunk_chars)
-    # Every process reads the whole (small) eval split in the same order and evaluates its
-    # slice of each global batch, so all processes run the same number of eval steps.
-    eval_ds = data_lib.make_pretrain_dataset(
-        eval_docs, tokenizer, seq_len=d.seq_len, batch_size=t.batch_size, seed=t.seed,
-        shuffle=False, num_epochs=1)
-    for i, batch in enumerate(eval_ds):
-      if d.eval_batches and i >= d.eval_batches:
-        break
-      eval_batches.append(batch)
-
-  checkpoints = ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(workdir),
-                                     max_to_keep=t.max_to_keep)
-  writer = metrics_lib.MetricsWriter(workdir, stage=config.stage,
-                                     primary=jax.process_index() == 0)
-  start = checkpoints.latest_step()
-  if start is None:
-    state = programs.init(jax.random.key(t.seed))
-    start = 0
-  else:
-    state = checkpoints.restore(start, programs.abstract_state(), train_iter)
+  checkpoints = ckpt_lib.Checkpoints(checkpoint_dir, max_to_keep=t.max_to_keep)
+  writer = metrics_lib.MetricsWriter(workdir, stage=config.stage, primary=primary)
+  state, start = _start_state(config, workdir, programs, checkpoints, train_iter)
   writer.truncate_after(start)
+  stopper = EarlyStopping(t.patience, [r for r in metrics_lib.read_rows(writer.path)
+                                       if r["split"] == "eval"])
 
-  primary = jax.process_index() == 0
   bar = tqdm.tqdm(total=t.steps, initial=start, disable=not (progress and primary),
                   dynamic_ncols=True, mininterval=1.0)
   window, window_start = [], start
   window_time, timed_steps = time.perf_counter(), 0
-  last_train, last_eval, evaluated_at = {}, None, None
+  last_train, last_eval = {}, None
   last_saved = f"step {start}" if start else "none yet"
   try:
     for step in range(start + 1, t.steps + 1):
+      if stopper.should_stop:
+        break
       batch = global_batch(next(train_iter), programs.batch_sharding)
       state, metrics = programs.train_step(state, batch)
       window.append(metrics)  # Device arrays: no host sync until the window is logged.
@@ -313,22 +313,28 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
         window = jax.device_get(window)
         _check_finite(window, window_start)
         elapsed = time.perf_counter() - window_time
-        last_train = {k: float(np.mean([m[k] for m in window])) for k in ("loss", "grad_norm")}
+        last_train = {k: float(np.mean([m[k] for m in window])) for k in window[0]
+                      if k not in ("lr", "tokens")}
         last_train["lr"] = float(window[-1]["lr"])
-        last_train["tokens_per_sec"] = t.batch_size * d.seq_len * max(timed_steps, 1) / elapsed
+        last_train["tokens_per_sec"] = (t.batch_size * config.data.seq_len
+                                        * max(timed_steps, 1) / elapsed)
         writer.write(step, "train", last_train)
         bar.set_postfix(loss=f"{last_train['loss']:.3f}",
                         tok_s=f"{last_train['tokens_per_sec']:.0f}", refresh=False)
         bar.update(step - window_start)
         window, window_start = [], step
         window_time, timed_steps = time.perf_counter(), 0
+      eval_loss = None
       if must_eval:
-        last_eval, evaluated_at = evaluate(programs, state.params, eval_batches), step
+        last_eval = evaluate_lib.evaluate(programs, state.params, eval_batches)
         writer.write(step, "eval", last_eval)
+        # A new best is always checkpointed (with its eval loss, so it is kept as the best).
+        if stopper.update(last_eval["loss"]):
+          eval_loss, must_save = last_eval["loss"], True
+        must_save = must_save or stopper.should_stop
         window_time = time.perf_counter()  # Keep eval time out of tokens/s.
       if must_save:
-        checkpoints.save(step, state, train_iter,
-                         eval_loss=last_eval["loss"] if evaluated_at == step else None)
+        checkpoints.save(step, state, train_iter, eval_loss=eval_loss)
         last_saved = f"step {step}"
     checkpoints.wait()
   except NonFiniteLossError as e:
@@ -340,5 +346,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
   finally:
     bar.close()
     writer.close()
+    best = checkpoints.best_step()
     checkpoints.close()
-  return TrainResult(state=state, last_train=last_train, last_eval=last_eval)
+  return TrainResult(state=state, last_train=last_train, last_eval=last_eval, best_step=best,
+                     stopped_early=stopper.should_stop)

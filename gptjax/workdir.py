@@ -57,7 +57,9 @@ def check_compatible(config: ml_collections.ConfigDict, workdir: str):
 
 def prepare(config: ml_collections.ConfigDict, workdir: str,
             training_texts=None) -> tokenizer_lib.Tokenizer:
-  """Checks and writes DIR/config.json, and loads the tokenizer or trains it on the texts.
+  """Checks and writes DIR/config.json, and loads the tokenizer or trains it.
+
+  `training_texts` is called for the texts only when there is no tokenizer yet.
 
   Nothing is written when the existing run in `workdir` has another model shape.
   """
@@ -65,10 +67,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str,
   path = tokenizer_path(workdir)
   trained = not os.path.exists(path)
   if trained:
-    tokenizer = tokenizer_lib.train_tokenizer(
-        training_texts, vocab_size=config.model.vocab_size,
-        model_type=config.tokenizer.model_type, seed=config.train.seed,
-        max_chars=config.tokenizer.max_chars)
+    tokenizer = new_tokenizer(config, training_texts())
   else:
     tokenizer = tokenizer_lib.Tokenizer.load(path)
   if tokenizer.vocab_size != config.model.vocab_size:
@@ -82,8 +81,44 @@ def prepare(config: ml_collections.ConfigDict, workdir: str,
   return tokenizer
 
 
+def new_tokenizer(config: ml_collections.ConfigDict, texts) -> tokenizer_lib.Tokenizer:
+  """A tokenizer trained on `texts` with the config's vocab size and tokenizer settings."""
+  return tokenizer_lib.train_tokenizer(
+      texts, vocab_size=config.model.vocab_size, model_type=config.tokenizer.model_type,
+      seed=config.train.seed, max_chars=config.tokenizer.max_chars)
+
+
 def load_tokenizer(workdir: str) -> tokenizer_lib.Tokenizer:
   path = tokenizer_path(workdir)
   if not os.path.exists(path):
     raise ValueError(f"{workdir} has no tokenizer.model; pass the --workdir of a trained run.")
   return tokenizer_lib.Tokenizer.load(path)
+
+
+def resolve_init_from(config: ml_collections.ConfigDict, workdir: str):
+  """Prepares a fresh stage started from `config.init_from` (an earlier stage's workdir).
+
+  Refuses, naming the difference, a source with another model shape or a tokenizer other
+  than one already in `workdir`; copies the source's tokenizer in; and pins
+  `config.init_from`/`init_from_step` to the absolute path and the resolved step number, so
+  config.json records where the stage came from.
+  """
+  from gptjax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+
+  source = os.path.abspath(config.init_from)
+  diffs = config_lib.model_shape_diff(read_config(source), config)
+  if diffs:
+    raise ValueError(f"init_from={source} was trained with another model shape "
+                     f"({'; '.join(diffs)}); use the same model config as that stage.")
+  step = ckpt_lib.Checkpoints(checkpoint_dir(source), read_only=True).resolve(
+      config.init_from_step)
+  source_tokenizer = load_tokenizer(source)
+  if os.path.exists(tokenizer_path(workdir)):
+    if load_tokenizer(workdir).model_bytes != source_tokenizer.model_bytes:
+      raise ValueError(f"{tokenizer_path(workdir)} differs from the tokenizer of init_from="
+                       f"{source}; a stage must keep its parent's tokenizer: use a new "
+                       "--workdir.")
+  elif jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    source_tokenizer.save(tokenizer_path(workdir))
+  config.init_from, config.init_from_step = source, str(step)

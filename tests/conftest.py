@@ -62,3 +62,29 @@ def workdir(tmp_path, tiny_tokenizer_file):
   path.mkdir()
   shutil.copy(tiny_tokenizer_file, path / "tokenizer.model")
   return str(path)
+
+
+def write_chats(path, count: int, seed: int = 0):
+  """A JSONL file of `count` small customer-service conversations."""
+  import json
+  import random
+
+  rng = random.Random(seed)
+  cities = ["Paris", "Rome", "Lima", "Oslo", "Cairo", "Delhi"]
+  with open(path, "w") as f:
+    for _ in range(count):
+      city, day = rng.choice(cities), rng.randint(1, 28)
+      messages = [{"role": "user", "content": f"I need a hotel in {city}."},
+                  {"role": "assistant", "content": "Which dates?"},
+                  {"role": "user", "content": f"From March {day}."},
+                  {"role": "assistant", "content": f"Booked a room in {city} from March {day}."}]
+      f.write(json.dumps({"messages": messages}) + "\n")
+  return str(path)
+
+
+def tiny_dialogue_config(train_file, eval_file, data_dir=None):
+  """tiny_config() as a dialogue stage on JSONL chat files."""
+  c = tiny_config(data_dir)
+  c.stage = "dialogue"
+  c.data.update(kind="dialogue", train_files=str(train_file), eval_files=str(eval_file))
+  return c

@@ -82,6 +82,13 @@ def test_train_writes_the_workdir_contract_and_resumes(tmp_path, tfds_data_dir,
   assert {r["step"] for r in rows if r["split"] == "eval"} == {2, 4, 6}
   assert rows[-1]["loss"] < rows[0]["loss"]
 
+  out = gptjax("eval", "--workdir", str(workdir), "--json", check=True)
+  metrics = json.loads(out.stdout.strip().splitlines()[-1])
+  assert metrics["step"] == 6 and metrics["split"] == "validation"
+  assert abs(metrics["loss"] - rows[-1]["loss"]) < 1e-4, "eval reproduces the last eval row"
+  out = gptjax("eval", "--workdir", str(workdir), "--step", "2", "--split", "test", check=True)
+  assert "step=2 split=test loss=" in out.stdout
+
 
 def test_console_script_is_installed():
   script = shutil.which("gptjax", path=os.path.dirname(sys.executable))

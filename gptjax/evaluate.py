@@ -1,0 +1,78 @@
+"""Evaluation: loss, perplexity and reply-only loss over every token of an eval set once."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from gptjax import checkpoint as ckpt_lib
+from gptjax import datasets
+from gptjax import sharding
+from gptjax import workdir as workdir_lib
+
+
+def evaluate(programs, params, batches: list[dict]) -> dict:
+  """Metrics over `batches` (global numpy batches, identical on every process).
+
+  Returns `loss` (the weighted objective), `perplexity`, `tokens` (summed weights) and, for
+  dialogue batches, `assistant_loss` and `assistant_tokens`.
+  """
+  from gptjax.train import global_batch  # pylint: disable=g-import-not-at-top
+
+  sums = None
+  for batch in batches:
+    rows = batch["inputs"].shape[0] // jax.process_count()
+    lo = jax.process_index() * rows
+    local = {k: v[lo:lo + rows] for k, v in batch.items()}
+    out = programs.eval_step(params, global_batch(local, programs.batch_sharding))
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  if sums is None:
+    raise ValueError("The eval set produced no batch; check data.eval_split / data.eval_files.")
+  sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+  loss = sums["loss_sum"] / max(sums["weight_sum"], 1.0)
+  metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+             "tokens": sums["weight_sum"]}
+  if "assistant_sum" in sums:
+    metrics["assistant_loss"] = sums["assistant_sum"] / max(sums["assistant_count"], 1.0)
+    metrics["assistant_tokens"] = sums["assistant_count"]
+  return metrics
+
+
+def eval_workdir(workdir: str, *, split: str | None = None, step: str | None = None,
+                 mesh=None) -> dict:
+  """Evaluates a run's checkpoint (latest, "best" or a number) on its eval set or `split`.
+
+  For a dialogue run trained on JSONL files, `split` may be a JSONL path.
+  """
+  from gptjax import train as train_lib  # pylint: disable=g-import-not-at-top
+
+  config = workdir_lib.read_config(workdir)
+  if split:
+    _set_eval_split(config, split)
+  mesh = mesh or sharding.make_mesh(config.mesh)
+  checkpoints = ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True)
+  step_number = checkpoints.resolve(step)
+  tokenizer = workdir_lib.load_tokenizer(workdir)
+  batches, _ = datasets.eval_batches(config, tokenizer)
+  if not batches:
+    raise ValueError(f"{workdir} has no eval set configured; pass --split NAME.")
+  programs = train_lib.compile_programs(config, mesh)
+  params = checkpoints.restore_params(step_number, programs.abstract_state().params)
+  return {"step": step_number, "split": split or _eval_name(config.data),
+          **evaluate(programs, params, batches)}
+
+
+def _set_eval_split(config: ml_collections.ConfigDict, split: str):
+  d = config.data
+  if split.endswith(".jsonl"):
+    d.eval_files = split
+    if not d.train_files:
+      d.train_files = split  # Selects the file-based source for both sides.
+  else:
+    d.eval_split = split
+    d.dataset = ",".join(e.split(":")[0] for e in d.dataset.split(","))  # Per-entry splits off.
+
+
+def _eval_name(d: ml_collections.ConfigDict) -> str:
+  return d.eval_files if d.kind == "dialogue" and d.train_files else d.eval_split

@@ -1,0 +1,133 @@
+"""The chat template, dialogue-regression weights, dialogue sources and their bad records."""
+
+import json
+
+import numpy as np
+import pytest
+
+from gptjax import data
+from gptjax import dialogue
+from gptjax import tokenizer as tokenizer_lib
+
+CHAT = [{"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Find me a hotel in Paris."},
+        {"role": "assistant", "content": "Which dates?"},
+        {"role": "user", "content": "March 1st."},
+        {"role": "assistant", "content": "Booked."}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+  text = " ".join(m["content"] for m in CHAT) * 20 + "abcdefghijklmnopqrstuvwxyz" * 5
+  return tokenizer_lib.train_tokenizer([text], vocab_size=300)
+
+
+def test_template_golden_strings(tok):
+  rendered = dialogue.render(CHAT, tok)
+  assert tok.decode(rendered.tokens) == (
+      "<s><|system|>Be brief.<|end|><|user|>Find me a hotel in Paris.<|end|>"
+      "<|assistant|>Which dates?<|end|><|user|>March 1st.<|end|><|assistant|>Booked.<|end|></s>")
+  assert tok.decode(dialogue.render(CHAT[1:3], tok).tokens) == (
+      "<s><|user|>Find me a hotel in Paris.<|end|><|assistant|>Which dates?<|end|></s>")
+  prompt = dialogue.render_prompt(CHAT[:4], tok)
+  assert tok.decode(prompt) == ("<s><|system|>Be brief.<|end|><|user|>Find me a hotel in "
+                                "Paris.<|end|><|assistant|>Which dates?<|end|><|user|>March "
+                                "1st.<|end|><|assistant|>")
+  # One template: the generation prompt is a prefix of the training rendering.
+  assert dialogue.render(CHAT, tok).tokens[:len(prompt)].tolist() == prompt
+
+
+@pytest.mark.parametrize("history_weight", [0.0, 0.5, 1.0])
+def test_weights_follow_history_weight(tok, history_weight):
+  r = dialogue.render(CHAT, tok, history_weight=history_weight)
+  reply = [tok.encode("Which dates?"), tok.encode("Booked.")]
+  expected_assistant = []
+  for m in CHAT:
+    content = tok.encode(m["content"])
+    is_reply = float(m["role"] == "assistant")
+    expected_assistant += [0.0] + [is_reply] * (len(content) + 1)  # marker, content, <|end|>
+  expected_assistant = [0.0] + expected_assistant + [0.0]  # bos ... eos
+  np.testing.assert_array_equal(r.assistant, expected_assistant)
+  assert r.assistant.sum() == sum(len(x) + 1 for x in reply)  # Replies and their <|end|>.
+  np.testing.assert_array_equal(r.weights[r.assistant == 1], 1.0)
+  np.testing.assert_array_equal(r.weights[r.assistant == 0], history_weight)
+  end_positions = np.flatnonzero(r.tokens == tok.end_id)
+  assert r.weights[end_positions].tolist() == [history_weight, history_weight, 1.0,
+                                               history_weight, 1.0]
+
+
+def test_sgd_speakers_map_to_roles():
+  record = {"first_speaker": 0, "utterances": [b"I need a table.", b"Which city?", b"Paris."]}
+  assert [m["role"] for m in dialogue.sgd_messages(record)] == ["user", "assistant", "user"]
+  record["first_speaker"] = 1
+  messages = dialogue.sgd_messages(record)
+  assert [m["role"] for m in messages] == ["assistant", "user", "assistant"]
+  assert messages[1]["content"] == "Which city?"
+
+
+def _write_jsonl(path, lines: list[bytes]):
+  path.write_bytes(b"\n".join(lines) + b"\n")
+  return str(path)
+
+
+BAD_LINES = [
+    json.dumps({"messages": [{"role": "user", "content": "hi"},
+                             {"role": "assistant", "content": "hello"}]}).encode(),
+    json.dumps({"messages": [{"role": "robot", "content": "beep"}]}).encode(),
+    json.dumps({"messages": [{"role": "user", "content": "  "},
+                             {"role": "assistant", "content": "ok"}]}).encode(),
+    json.dumps({"messages": [{"role": "user", "content": "anyone?"}]}).encode(),
+    b'{"messages": [',
+    b'\xff\xfe not utf-8',
+    json.dumps({"conversation": []}).encode(),
+]
+
+
+def test_jsonl_bad_records_are_counted_and_skipped(tmp_path):
+  path = _write_jsonl(tmp_path / "chats.jsonl", BAD_LINES)
+  conversations, report = dialogue.read_jsonl(path)
+  assert len(conversations) == 1 and report.used == 1
+  assert report.skipped == 6
+  summary = report.summary()
+  assert f"{path}:2: message 0 has unknown role 'robot'" in summary
+  assert f"{path}:3: message 0 (user) has empty content" in summary
+  assert "6 bad records skipped" in summary
+
+
+def test_jsonl_strict_mode_raises_at_the_first_bad_record(tmp_path):
+  path = _write_jsonl(tmp_path / "chats.jsonl", BAD_LINES)
+  with pytest.raises(dialogue.BadConversation, match=rf"{path}:2: .*unknown role"):
+    dialogue.read_jsonl(path, strict=True)
+
+
+def test_a_source_with_no_usable_conversation_is_an_error(tmp_path):
+  path = _write_jsonl(tmp_path / "bad.jsonl", BAD_LINES[1:])
+  with pytest.raises(ValueError, match="no usable conversation"):
+    dialogue.load(path, "")
+
+
+def test_long_conversations_keep_their_most_recent_turns(tok):
+  long = CHAT[:1] + CHAT[1:] * 6
+  full = len(dialogue.render(long, tok).tokens)
+  rendered, cut = dialogue.render_fitting(long, tok, full - 1)
+  assert cut
+  text = tok.decode(rendered.tokens)
+  assert text.startswith("<s><|system|>Be brief.<|end|><|user|>")  # System kept, user first.
+  assert text.endswith("<|assistant|>Booked.<|end|></s>")  # The latest turns kept.
+  assert len(rendered.tokens) <= full - 1
+  same, cut = dialogue.render_fitting(long, tok, full)
+  assert not cut and len(same.tokens) == full
+
+
+def test_dialogue_rows_carry_the_assistant_mask(tok):
+  docs = [dialogue.conversation_document(dialogue.render(CHAT, tok, history_weight=0.0))]
+  ds = data.make_dataset(docs, lambda d: d, seq_len=512, batch_size=1, seed=0, shuffle=False,
+                         num_epochs=1, extra_keys=("assistant",))
+  (batch,) = list(ds)
+  assert set(batch) == set(data.ROW_DTYPES) | {"assistant"}
+  targets, assistant = batch["targets"][0], batch["assistant"][0]
+  real = batch["segment_ids"][0] > 0
+  reply_targets = targets[(assistant == 1) & real]
+  assert tok.decode(reply_targets) == "Which dates?<|end|>Booked.<|end|>"
+  # history_weight 0: the loss sees exactly the reply tokens.
+  np.testing.assert_array_equal(batch["weights"][0], assistant)

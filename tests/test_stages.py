@@ -1,0 +1,182 @@
+"""The dialogue stage: handoff from pretraining, freezing, early stopping, resume, pipeline."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config, tiny_dialogue_config, write_chats
+
+from gptjax import checkpoint as ckpt_lib
+from gptjax import evaluate
+from gptjax import pipeline
+from gptjax import sharding
+from gptjax import train as train_lib
+from gptjax import workdir as workdir_lib
+
+
+def _mesh():
+  return sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 1}, jax.devices()[:2])
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, tfds_data_dir, tiny_tokenizer_file):
+  """A 3-step tiny pretraining run (its workdir)."""
+  workdir = tmp_path_factory.mktemp("pretrain") / "run"
+  workdir.mkdir()
+  shutil.copy(tiny_tokenizer_file, workdir / "tokenizer.model")
+  config = tiny_config(tfds_data_dir)
+  config.train.steps = 3
+  train_lib.train(config, str(workdir), mesh=_mesh(), progress=False)
+  return str(workdir)
+
+
+@pytest.fixture
+def chats(tmp_path):
+  return write_chats(tmp_path / "train.jsonl", 40), write_chats(tmp_path / "dev.jsonl", 8, 1)
+
+
+def _params(workdir, step=None):
+  config = workdir_lib.read_config(workdir)
+  checkpoints = ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True)
+  abstract = train_lib.compile_programs(config, _mesh()).abstract_state().params
+  return checkpoints.restore_params(checkpoints.resolve(step), abstract)
+
+
+def _assert_same(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_handoff_restores_exactly_the_pretrained_parameters(pretrained, chats, tmp_path):
+  config = tiny_dialogue_config(*chats)
+  config.init_from = pretrained
+  config.train.update(steps=1, learning_rate=0.0)  # An update of zero: params stay as loaded.
+  workdir = str(tmp_path / "dialogue")
+  result = train_lib.train(config, workdir, mesh=_mesh(), progress=False)
+  assert int(result.state.step) == 1, "the step counter starts fresh"
+  _assert_same(result.state.params, _params(pretrained))
+  recorded = workdir_lib.read_config(workdir)
+  assert (recorded.init_from, recorded.init_from_step) == (os.path.abspath(pretrained), "3")
+  with open(os.path.join(workdir, "tokenizer.model"), "rb") as a, \
+       open(os.path.join(pretrained, "tokenizer.model"), "rb") as b:
+    assert a.read() == b.read(), "the tokenizer is copied from the earlier stage"
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert {"loss", "assistant_loss"} <= set(rows[0]) and rows[0]["stage"] == "dialogue"
+  assert {"loss", "assistant_loss"} <= set(rows[-1]) and rows[-1]["split"] == "eval"
+  metrics = evaluate.eval_workdir(workdir, split=chats[0], mesh=_mesh())
+  assert metrics["split"] == chats[0] and metrics["assistant_tokens"] < metrics["tokens"]
+  assert metrics["assistant_loss"] > 0
+
+
+def test_handoff_refuses_another_model_shape(pretrained, chats, tmp_path):
+  config = tiny_dialogue_config(*chats)
+  config.init_from = pretrained
+  config.model.d_ff = 128
+  with pytest.raises(ValueError, match=r"another model shape \(model.d_ff: 64 -> 128\)"):
+    train_lib.train(config, str(tmp_path / "dialogue"), mesh=_mesh(), progress=False)
+  assert not (tmp_path / "dialogue").exists()
+
+
+def test_handoff_refuses_another_tokenizer(pretrained, chats, tmp_path):
+  from gptjax import tokenizer as tokenizer_lib
+  workdir = tmp_path / "dialogue"
+  workdir.mkdir()
+  other = tokenizer_lib.train_tokenizer(["another text entirely " * 50 + "".join(
+      chr(c) for c in range(32, 127)) * 3], vocab_size=384)
+  other.save(workdir / "tokenizer.model")
+  config = tiny_dialogue_config(*chats)
+  config.init_from = pretrained
+  with pytest.raises(ValueError, match="differs from the tokenizer of init_from"):
+    train_lib.train(config, str(workdir), mesh=_mesh(), progress=False)
+
+
+def test_a_resumed_dialogue_run_equals_an_uninterrupted_one(pretrained, chats, tmp_path):
+  config = tiny_dialogue_config(*chats)
+  config.init_from = pretrained
+  straight = train_lib.train(config, str(tmp_path / "a"), mesh=_mesh(), progress=False)
+  config.train.steps = 2
+  train_lib.train(config, str(tmp_path / "b"), mesh=_mesh(), progress=False)
+  config.train.steps = 4
+  resumed = train_lib.train(config, str(tmp_path / "b"), mesh=_mesh(), progress=False)
+  assert int(resumed.state.step) == 4, "it resumes its own run, not the pretraining one"
+  _assert_same(resumed.state.params, straight.state.params)
+
+
+@pytest.mark.parametrize("trainable, scan", [("top:1", False), ("top:1", True),
+                                             ("no_embed", False)])
+def test_frozen_parameters_do_not_move(pretrained, chats, tmp_path, trainable, scan):
+  config = tiny_dialogue_config(*chats)
+  config.model.scan_layers = scan
+  config.train.update(trainable=trainable, steps=2)
+  result = train_lib.train(config, str(tmp_path / "run"), mesh=_mesh(), progress=False)
+  programs = train_lib.compile_programs(config, _mesh())
+  initial = jax.device_get(programs.init(jax.random.key(config.train.seed)).params)
+  final = jax.device_get(result.state.params)
+  if trainable == "no_embed":
+    np.testing.assert_array_equal(final["embedding"], initial["embedding"])
+    np.testing.assert_array_equal(final["pos_embedding"], initial["pos_embedding"])
+    assert not np.array_equal(final["block_0"]["mlp"]["wi"], initial["block_0"]["mlp"]["wi"])
+  elif scan:
+    np.testing.assert_array_equal(final["blocks"]["mlp"]["wi"][0],
+                                  initial["blocks"]["mlp"]["wi"][0])
+    assert not np.array_equal(final["blocks"]["mlp"]["wi"][1],
+                              initial["blocks"]["mlp"]["wi"][1])
+  else:
+    np.testing.assert_array_equal(final["block_0"]["attn"]["qkv"],
+                                  initial["block_0"]["attn"]["qkv"])
+    np.testing.assert_array_equal(final["pos_embedding"], initial["pos_embedding"])
+    assert not np.array_equal(final["block_1"]["attn"]["qkv"],
+                              initial["block_1"]["attn"]["qkv"])
+    assert not np.array_equal(final["embedding"], initial["embedding"])  # Tied head trains.
+
+
+def test_bad_trainable_is_a_clear_error(chats, tmp_path):
+  config = tiny_dialogue_config(*chats)
+  config.train.trainable = "top:5"
+  with pytest.raises(ValueError, match=r"train.trainable='top:5'.*N <= 2 layers"):
+    train_lib.train(config, str(tmp_path / "run"), mesh=_mesh(), progress=False)
+
+
+def test_early_stopping_stops_and_keeps_the_best(chats, tmp_path, monkeypatch):
+  losses = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])
+  monkeypatch.setattr(train_lib.evaluate_lib, "evaluate",
+                      lambda *a: {"loss": next(losses), "perplexity": 1.0, "tokens": 1.0})
+  config = tiny_dialogue_config(*chats)
+  config.train.update(steps=6, eval_every=1, checkpoint_every=100, patience=2, max_to_keep=1)
+  workdir = str(tmp_path / "run")
+  result = train_lib.train(config, workdir, mesh=_mesh(), progress=False)
+  assert result.stopped_early and int(result.state.step) == 4
+  assert result.best_step == 2
+  checkpoints = ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True)
+  assert checkpoints.all_steps() == [2, 4]  # Latest (max_to_keep=1) and the best.
+  assert checkpoints.resolve("best") == 2
+  again = train_lib.train(config, workdir, mesh=_mesh(), progress=False)
+  assert again.stopped_early and int(again.state.step) == 4, "a rerun stays stopped"
+
+
+@pytest.mark.slow
+def test_pipeline_runs_both_stages_and_does_not_redo_finished_ones(tfds_data_dir, chats,
+                                                                   tmp_path, capsys):
+  import ml_collections
+  config = ml_collections.ConfigDict()
+  config.stages = ("pretrain", "dialogue")
+  config.tokenizer_stage = "pretrain"
+  config.pretrain = tiny_config(tfds_data_dir)
+  config.pretrain.train.steps = 2
+  config.dialogue = tiny_dialogue_config(*chats)
+  config.dialogue.train.steps = 2
+  config.num_samples = 2
+  workdir = str(tmp_path / "demo")
+  results = pipeline.run(config, workdir, mesh=_mesh(), progress=False)
+  assert set(results) == {"pretrain", "dialogue"}
+  assert workdir_lib.read_config(os.path.join(workdir, "dialogue")).init_from == \
+      os.path.join(workdir, "pretrain")
+  pipeline.print_samples(config, workdir)
+  out = capsys.readouterr().out
+  assert out.count("--- held-out conversation") == 2 and "model:" in out
+
+  config.dialogue.train.steps = 3  # A finished stage is not redone, even if asked for more.
+  assert pipeline.run(config, workdir, mesh=_mesh(), progress=False) == {}
