@@ -69,6 +69,12 @@ class Checkpoints:
     metrics = None if eval_loss is None else {"eval_loss": float(eval_loss)}
     self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
+  def has_data_state(self, step: int) -> bool:
+    """Whether `step` holds a data-iterator position for this process layout (grain saves
+    one file per process, so a run resumed on another process count has none)."""
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    return os.path.exists(os.path.join(self.directory, str(step), "data", name))
+
   def restore(self, step: int, abstract_state, data_iterator=None):
     """Restores the state onto the shardings of `abstract_state` (and the iterator in place)."""
     items = {"state": _restore_args(abstract_state)}

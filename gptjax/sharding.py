@@ -81,3 +81,27 @@ def check_divisible(abstract_tree, shardings, mesh: Mesh):
         raise ValueError(f"Parameter {jax.tree_util.keystr(path)} has a dimension of {dim} "
                          f"that mesh axes {axes} (size {size}) do not divide; change the "
                          "mesh or the rule in config.mesh.rules.")
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None,
+                           auto: bool = False):
+  """Joins a multi-process JAX run (TPU VM slice, multi-node GPU, or local CPU processes).
+
+  With a coordinator address, the processes are given explicitly; with `auto`, JAX detects
+  the cluster (TPU VM workers, SLURM, Open MPI, Kubernetes). Must run before any JAX
+  computation; afterwards `jax.devices()` spans every process.
+  """
+  if coordinator_address is None and not auto:
+    return
+  if jax.config.jax_platforms in (None, "", "cpu") and (num_processes or 0) > 1:
+    # CPU devices of different processes talk through gloo (tests and laptops).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if coordinator_address is None:
+    jax.distributed.initialize()
+  else:
+    if num_processes is None or process_id is None:
+      raise ValueError("--coordinator_address needs --num_processes and --process_id too "
+                       "(every process gets the same address and count, and its own id).")
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)

@@ -250,6 +250,11 @@ def _start_state(config, workdir: str, programs: Programs, checkpoints, train_it
   """(state, step): resumed from this run's latest checkpoint, else fresh (from init_from)."""
   start = checkpoints.latest_step()
   if start is not None:
+    if not checkpoints.has_data_state(start):
+      print(f"Checkpoint {start} has no data position for {jax.process_count()} process(es) "
+            "(saved with another process count): resuming the model, with the data order "
+            "restarted from the seed.")
+      train_iter = None
     return checkpoints.restore(start, programs.abstract_state(), train_iter), start
   state = programs.init(jax.random.key(config.train.seed))
   if config.init_from:

@@ -27,19 +27,30 @@ def tfds_data_dir():
   return data_dir
 
 
-def tiny_config(data_dir=None):
-  """A 2-layer, d_model 32 model on tiny_shakespeare, small enough for a CPU test."""
-  from gptjax import config as config_lib
+# A 2-layer, d_model 32 model on tiny_shakespeare, small enough for a CPU test: written as an
+# experiment file so tests can also launch it through the command line.
+TINY_EXPERIMENT = f'''
+from gptjax import config as config_lib
 
+def get_config():
   c = config_lib.base_config()
-  c.model.update(vocab_size=TOKENIZER_VOCAB, num_layers=2, num_heads=2, d_model=32, d_ff=64,
+  c.model.update(vocab_size={TOKENIZER_VOCAB}, num_layers=2, num_heads=2, d_model=32, d_ff=64,
                  max_len=32)
   c.tokenizer.max_chars = 60_000
   c.data.update(seq_len=32, chunk_chars=400, eval_batches=2)
-  if data_dir:
-    c.data.data_dir = data_dir
   c.train.update(steps=4, batch_size=8, warmup_steps=1, learning_rate=3e-3, log_every=1,
                  eval_every=2, checkpoint_every=2)
+  return c
+'''
+
+
+def tiny_config(data_dir=None):
+  """TINY_EXPERIMENT's config, reading tfds from `data_dir`."""
+  namespace = {}
+  exec(TINY_EXPERIMENT, namespace)  # pylint: disable=exec-used
+  c = namespace["get_config"]()
+  if data_dir:
+    c.data.data_dir = data_dir
   return c
 
 

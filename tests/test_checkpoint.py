@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 from conftest import tiny_config
 
 from gptjax import checkpoint as ckpt_lib
@@ -54,3 +55,23 @@ def test_params_restore_alone_whatever_the_optimizer(tmp_path):
   params = checkpoints.restore_params(1, abstract)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("saved, loaded", [((8, 1, 1), (1, 1, 1)), ((2, 2, 2), (1, 4, 2))])
+def test_restored_on_another_mesh_the_next_step_is_the_same(tmp_path, saved, loaded):
+  from test_train import _batch
+  batch = _batch()
+  saver = _programs(dict(zip(("data", "fsdp", "tensor"), saved)))
+  state = saver.init(jax.random.key(5))
+  checkpoints = ckpt_lib.Checkpoints(str(tmp_path / "ckpt"))
+  checkpoints.save(1, state)
+  checkpoints.wait()
+  _, expected = saver.train_step(state, train_lib.global_batch(batch, saver.batch_sharding))
+
+  loader = _programs(dict(zip(("data", "fsdp", "tensor"), loaded)))
+  restored = checkpoints.restore(1, loader.abstract_state())
+  leaf = restored.params["block_0"]["mlp"]["wi"]
+  assert leaf.sharding.mesh.shape == loader.mesh.shape
+  _, metrics = loader.train_step(restored, train_lib.global_batch(batch, loader.batch_sharding))
+  np.testing.assert_allclose(metrics["loss"], expected["loss"], rtol=1e-6)
+  np.testing.assert_allclose(metrics["grad_norm"], expected["grad_norm"], rtol=1e-4)

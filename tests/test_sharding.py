@@ -30,3 +30,43 @@ def test_a_rule_that_does_not_divide_a_dimension_names_the_parameter():
   shardings = {"attn": {"qkv": jax.sharding.NamedSharding(mesh, spec)}}
   with pytest.raises(ValueError, match=r"\['attn'\]\['qkv'\].*dimension of 2.*\('tensor',\)"):
     sharding.check_divisible(abstract, shardings, mesh)
+
+
+def _state_on(shape):
+  from conftest import tiny_config
+
+  from gptjax import train as train_lib
+  config = tiny_config()
+  config.model.update(num_heads=4, d_model=64, d_ff=128)
+  n = shape[0] * shape[1] * shape[2]
+  mesh = sharding.make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)), jax.devices()[:n])
+  return train_lib.compile_programs(config, mesh).init(jax.random.key(0))
+
+
+def _bytes_on_device(state, device) -> int:
+  return sum(shard.data.nbytes for leaf in jax.tree.leaves(state)
+             for shard in leaf.addressable_shards if shard.device == device)
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)])
+def test_params_and_optimizer_state_split_as_the_rules_say(shape):
+  data, fsdp, tensor = shape
+  state = _state_on(shape)
+  mlp = state.params["block_0"]["mlp"]["wi"]  # [embed=64, mlp=128]: embed->fsdp, mlp->tensor.
+  assert mlp.addressable_shards[0].data.shape == (64 // fsdp, 128 // tensor)
+  embedding = state.params["embedding"]  # [vocab=384, embed=64]: vocab->tensor, embed->fsdp.
+  assert embedding.addressable_shards[0].data.shape == (384 // tensor, 64 // fsdp)
+  adam = state.opt_state[1][0]
+  assert adam.mu["block_0"]["mlp"]["wi"].sharding == mlp.sharding
+  assert adam.nu["embedding"].sharding == embedding.sharding
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 1), (2, 2, 2), (1, 2, 4), (1, 4, 2)])
+def test_bytes_per_device_fall_with_fsdp_times_tensor(shape):
+  one = _state_on((1, 1, 1))
+  total = _bytes_on_device(one, jax.devices()[0])
+  state = _state_on(shape)
+  per_device = max(_bytes_on_device(state, d) for d in jax.devices())
+  split = shape[1] * shape[2]
+  # Norm scales stay replicated, so a little more than total / split.
+  assert total / split <= per_device < 1.1 * total / split, (per_device, total / split)
