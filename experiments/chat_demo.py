@@ -3,19 +3,16 @@ then the dialogue stage on schema_guided_dialogue. About 15 minutes on a 2-core 
   python -m gptjax pipeline --config experiments/chat_demo.py --workdir runs/chat_demo
 """
 
-import importlib.util
 import os
+import runpy
 
 import ml_collections
 
 
 def _experiment(name: str) -> ml_collections.ConfigDict:
   """get_config() of a sibling experiment file (works wherever gptjax is launched from)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  here = os.path.dirname(os.path.abspath(__file__))
+  return runpy.run_path(os.path.join(here, name + ".py"))["get_config"]()
 
 
 def get_config():

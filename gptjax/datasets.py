@@ -116,9 +116,11 @@ def eval_batches(config: ml_collections.ConfigDict, tokenizer: Tokenizer):
   items, to_document, extra, notes = _documents(config, tokenizer, "eval")
   # Every process reads the whole (small) eval set in the same order and evaluates its slice
   # of each global batch, so all processes run the same number of eval steps.
+  # Shuffled once with a fixed seed: a capped eval (data.eval_batches) then samples every
+  # dataset of a mixture rather than only the first one.
   ds = data_lib.make_dataset(items, to_document, seq_len=config.data.seq_len,
                              batch_size=config.train.batch_size, seed=config.train.seed,
-                             shuffle=False, num_epochs=1, extra_keys=extra)
+                             shuffle=True, num_epochs=1, extra_keys=extra)
   limit = config.data.eval_batches
   return [batch for _, batch in zip(range(limit) if limit else iter(int, 1), ds)], notes
 

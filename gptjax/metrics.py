@@ -14,7 +14,7 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 
 
 def read_rows(path: str) -> list[dict]:
-  """The complete rows of a metrics.jsonl (a half-written last line is skipped)."""
+  """The complete rows of a metrics.jsonl; a torn line (a run killed mid-write) is skipped."""
   rows = []
   if os.path.exists(path):
     with open(path) as f:
@@ -22,7 +22,7 @@ def read_rows(path: str) -> list[dict]:
         try:
           rows.append(json.loads(line))
         except json.JSONDecodeError:
-          break
+          continue
   return rows
 
 

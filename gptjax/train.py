@@ -159,8 +159,8 @@ def compile_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh)
 
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   batch_sharding = sharding.batch_sharding(mesh, rules)
-  data_rng = jax.random.key(config.train.seed + 1)
-  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, rng=data_rng,
+  dropout_rng = jax.random.key(config.train.seed + 1)
+  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, rng=dropout_rng,
                            grad_accum_steps=config.train.grad_accum_steps)
   return Programs(
       model=model, mesh=mesh, rules=rules, state_shardings=state_shardings,
@@ -217,6 +217,7 @@ class TrainResult:
   last_eval: dict | None  # Metrics of the last evaluation.
   best_step: int | None = None  # Checkpoint with the lowest eval loss.
   stopped_early: bool = False
+  seconds: float = 0.0  # Wall time of this call.
 
 
 def _check_finite(window: list[dict], first_step: int):
@@ -268,6 +269,7 @@ def _start_state(config, workdir: str, programs: Programs, checkpoints, train_it
 def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
           progress: bool = True) -> TrainResult:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
+  started = time.perf_counter()
   mesh = mesh or sharding.make_mesh(config.mesh)
   validate(config, mesh)
   t = config.train
@@ -354,4 +356,4 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
     best = checkpoints.best_step()
     checkpoints.close()
   return TrainResult(state=state, last_train=last_train, last_eval=last_eval, best_step=best,
-                     stopped_early=stopper.should_stop)
+                     stopped_early=stopper.should_stop, seconds=time.perf_counter() - started)
