@@ -2,15 +2,28 @@
 
   train    --config experiments/NAME.py --workdir DIR [--config.KEY=VALUE ...]
            Trains one stage; rerun on the same DIR to resume from its latest checkpoint.
+  pipeline --config experiments/NAME.py --workdir DIR [--config.STAGE.KEY=VALUE ...]
+           Runs the stages a pipeline config lists, each in DIR/<stage>/; rerun to continue.
+  eval     --workdir DIR [--split NAME|FILE.jsonl] [--step N|best] [--json]
+           Loss, perplexity and assistant_loss of a checkpoint on a split.
   prepare  --dataset NAME [--data_dir DIR]
            Downloads and prepares a tfds catalog dataset as array_record (needs tensorflow-cpu).
+  sample   --workdir DIR --prompt TEXT [--prompt TEXT ...|--prompt_file FILE] [--json]
+           [--max_new_tokens N --temperature T --top_k K --top_p P --repetition_penalty R
+            --no_repeat_ngram_size N --num_samples N --seed S --step N|best]
+           Continues each prompt with a checkpoint, num_samples times.
+  chat     --workdir DIR [--system TEXT] [--message TEXT ...] [--json] [sampling flags]
+           Multi-turn chat on the terminal (/reset, /exit, Ctrl-D; Ctrl-C stops a reply), or
+           one reply per --message (or stdin line) for scripts.
+  bench    decode (--workdir DIR | --config experiments/NAME.py) [--step N|best]
+           Prefill and decode tokens/s at batch 1 and 8 against the machine's limits, as JSON.
 
 Config overrides follow ml_collections: an unknown key or a value of the wrong type is an
 error naming the key, and nothing starts.
 """
 
+import json
 import sys
-import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -19,9 +32,36 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file defining get_config().", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: config.json, tokenizer.model, checkpoints/, metrics.jsonl.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process runs: HOST:PORT of process 0, on every process.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: process count.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's id.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Join a multi-process run detected from the environment (TPU VM "
+    "slice workers, SLURM, Open MPI).")
+_SPLIT = flags.DEFINE_string("split", None, "eval: split name (or JSONL file) to evaluate on.")
+_STEP = flags.DEFINE_string("step", None, "Checkpoint to load: a step number, `best` or `latest`.")
+_JSON = flags.DEFINE_bool("json", False, "Print machine-readable JSON instead of text.")
 _DATASET = flags.DEFINE_string("dataset", None, "prepare: tfds catalog name, e.g. tiny_shakespeare.")
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "prepare: tfds data_dir to write to (default: TFDS_DATA_DIR or tfds' own).")
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "sample: a prompt; repeat for a batch.")
+_PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "sample: a file of prompts, one a line.")
+_SYSTEM = flags.DEFINE_string("system", None, "chat: a system message that opens the chat.")
+_MESSAGE = flags.DEFINE_multi_string(
+    "message", None, "chat: send this message and print the reply (repeatable); no terminal.")
+# Sampling controls (sample and chat); defaults match gptjax.generate.Sampling.
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate at most.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 is greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0: all.")
+_TOP_P = flags.DEFINE_float(
+    "top_p", 0.95, "Sample among the fewest tokens holding this probability, in (0, 1]; 1: all.")
+_REPETITION_PENALTY = flags.DEFINE_float(
+    "repetition_penalty", 1.0, "Above 1 discourages tokens already in the text; 1: off.")
+_NO_REPEAT_NGRAM_SIZE = flags.DEFINE_integer(
+    "no_repeat_ngram_size", 0, "Never repeat an n-gram of this many tokens; 0: off.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "sample: completions per prompt.")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed: the same seed gives the same text.")
 
 
 class UsageError(ValueError):
@@ -34,22 +74,73 @@ def _require(flag, name: str, command: str):
   return flag.value
 
 
-def cmd_train():
-  """Trains the configured stage in --workdir."""
-  from gptjax import train as train_lib  # Deferred: keeps `--help` and `prepare` light.
+def _say(line: str):
+  """Prints on process 0 only: a multi-process run reports once."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    print(line)
 
-  config = _require(_CONFIG, "config", "train")
-  workdir = _require(_WORKDIR, "workdir", "train")
-  start = time.time()
-  result = train_lib.train(config, workdir)
+
+def _summary(config, result) -> str:
   step = int(result.state.step)
-  line = f"Done: {config.stage} at step {step} in {time.time() - start:.0f}s"
+  line = f"Done: {config.stage} at step {step} in {result.seconds:.0f}s"
+  if result.stopped_early:
+    line += " (stopped early: eval loss stopped improving)"
   if result.last_train:
     line += f"; train loss {result.last_train['loss']:.4f}"
   if result.last_eval:
     line += (f"; eval loss {result.last_eval['loss']:.4f} "
              f"(perplexity {result.last_eval['perplexity']:.2f})")
-  print(f"{line}. Checkpoints in {workdir}/checkpoints, metrics in {workdir}/metrics.jsonl.")
+    if "assistant_loss" in result.last_eval:
+      line += f", assistant_loss {result.last_eval['assistant_loss']:.4f}"
+  if result.best_step is not None:
+    line += f"; best checkpoint: step {result.best_step}"
+  return line
+
+
+def cmd_train():
+  """Trains the configured stage in --workdir."""
+  from gptjax import pipeline  # Deferred: keeps `--help` and `prepare` light.
+  from gptjax import train as train_lib
+
+  config = _require(_CONFIG, "config", "train")
+  workdir = _require(_WORKDIR, "workdir", "train")
+  if pipeline.is_pipeline(config):
+    raise UsageError(f"{_CONFIG.config_filename} is a pipeline config (it lists stages); run "
+                     "it with `python -m gptjax pipeline`.")
+  result = train_lib.train(config, workdir)
+  _say(f"{_summary(config, result)}. Checkpoints in {workdir}/checkpoints, "
+        f"metrics in {workdir}/metrics.jsonl.")
+
+
+def cmd_pipeline():
+  """Runs every unfinished stage of a pipeline config in --workdir."""
+  from gptjax import pipeline
+
+  config = _require(_CONFIG, "config", "pipeline")
+  workdir = _require(_WORKDIR, "workdir", "pipeline")
+  if not pipeline.is_pipeline(config):
+    raise UsageError(f"{_CONFIG.config_filename} is a single-stage config; run it with "
+                     "`python -m gptjax train`.")
+  results = pipeline.run(config, workdir)
+  for name, result in results.items():
+    _say(_summary(config[name], result))
+  if not results:
+    _say(f"Every stage in {workdir} had already finished.")
+  pipeline.print_samples(config, workdir, print_fn=_say)
+
+
+def cmd_eval():
+  """Evaluates a checkpoint of --workdir on its eval split or --split."""
+  from gptjax import evaluate
+
+  workdir = _require(_WORKDIR, "workdir", "eval")
+  metrics = evaluate.eval_workdir(workdir, split=_SPLIT.value, step=_STEP.value)
+  if _JSON.value:
+    print(json.dumps(metrics))
+  else:
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                   for k, v in metrics.items()))
 
 
 def cmd_prepare():
@@ -68,18 +159,111 @@ def cmd_prepare():
         + ", ".join(f"{s} {v.num_examples}" for s, v in builder.info.splits.items()))
 
 
-COMMANDS = {"train": cmd_train, "prepare": cmd_prepare}
+def _sampling():
+  """The sampling flags, validated (a bad value is a one-line ValueError)."""
+  from gptjax import generate
+
+  return generate.Sampling(
+      max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+      top_p=_TOP_P.value, repetition_penalty=_REPETITION_PENALTY.value,
+      no_repeat_ngram_size=_NO_REPEAT_NGRAM_SIZE.value, num_samples=_NUM_SAMPLES.value,
+      seed=_SEED.value)
+
+
+def cmd_sample():
+  """Continues --prompt texts (or --prompt_file lines) with a checkpoint of --workdir."""
+  from gptjax import generate
+
+  workdir = _require(_WORKDIR, "workdir", "sample")
+  texts = list(_PROMPT.value or [])
+  if _PROMPT_FILE.value:
+    try:
+      with open(_PROMPT_FILE.value) as f:
+        texts += [line.rstrip("\n") for line in f if line.strip()]
+    except OSError as e:
+      raise UsageError(f"Cannot read --prompt_file: {e}; pass a text file, one prompt a "
+                       "line.") from None
+  if not texts:
+    raise UsageError("`sample` needs --prompt TEXT (repeatable) or --prompt_file FILE.")
+  for i, text in enumerate(texts):
+    if not text.strip():
+      raise UsageError(f"Prompt {i} is empty; give every --prompt some text.")
+  sampling = _sampling()
+  generator, tokenizer = generate.load(workdir, _STEP.value)
+  prompts = [[tokenizer.bos_id, *tokenizer.encode(text)] for text in texts]
+  completions = generator.generate(prompts, sampling)
+  for c in completions:
+    if c.truncated and c.sample_index == 0:
+      print(f"gptjax sample: warning: prompt {c.prompt_index} has "
+            f"{c.prompt_tokens + c.truncated} tokens, more than the {generator.max_len}-token "
+            f"context; kept its last {c.prompt_tokens}.", file=sys.stderr)
+  for c in completions:
+    text = tokenizer.decode(c.tokens)
+    if _JSON.value:
+      print(json.dumps({"prompt": texts[c.prompt_index], "prompt_index": c.prompt_index,
+                        "sample_index": c.sample_index, "text": text, "tokens": len(c.tokens),
+                        "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
+                        "truncated": c.truncated}))
+    else:
+      print(f"=== prompt {c.prompt_index + 1}/{len(texts)}, sample {c.sample_index + 1}/"
+            f"{sampling.num_samples} ({len(c.tokens)} tokens, {c.finish_reason}) ===")
+      print(f"{texts[c.prompt_index]}{text}\n")
+
+
+def cmd_chat():
+  """Chats with a checkpoint of --workdir on the terminal, or replies to each --message."""
+  from gptjax import chat, generate
+
+  workdir = _require(_WORKDIR, "workdir", "chat")
+  sampling = _sampling()
+  if sampling.num_samples != 1:
+    raise UsageError("`chat` gives one reply per message; drop --num_samples.")
+  generator, tokenizer = generate.load(workdir, _STEP.value)
+  session = chat.ChatSession(generator, tokenizer, sampling, system=_SYSTEM.value)
+  if _MESSAGE.value:
+    lines = _MESSAGE.value
+  elif sys.stdin.isatty():
+    print(f"Chatting with {workdir} ({generator.max_len}-token context). /reset clears the "
+          "history, /exit or Ctrl-D leaves, Ctrl-C stops a reply.", file=sys.stderr)
+    lines = chat.terminal_lines()
+  else:
+    lines = sys.stdin
+  status = chat.run(session, lines, as_json=_JSON.value)
+  if status:
+    sys.exit(status)
+
+
+def cmd_bench(kind: str | None = None):
+  """Runs one benchmark (`bench decode`) and prints its JSON."""
+  from gptjax import bench
+
+  if kind not in bench.BENCHMARKS:
+    raise UsageError(f"`bench` needs one of: {', '.join(bench.BENCHMARKS)}; e.g. "
+                     "`python -m gptjax bench decode --workdir DIR`.")
+  config = _CONFIG.value if _WORKDIR.value is None else None
+  print(json.dumps(bench.BENCHMARKS[kind](workdir=_WORKDIR.value, config=config,
+                                          step=_STEP.value), indent=2))
+
+
+COMMANDS = {"train": cmd_train, "pipeline": cmd_pipeline, "eval": cmd_eval,
+            "prepare": cmd_prepare, "sample": cmd_sample, "chat": cmd_chat, "bench": cmd_bench}
+# Commands that take one positional argument (`bench decode`).
+TAKES_ARGUMENT = {"bench"}
 
 
 def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.ERROR)  # Orbax and tfds chatter at INFO and WARNING.
-  if len(argv) != 2 or argv[1] not in COMMANDS:
+  if (len(argv) < 2 or argv[1] not in COMMANDS
+      or len(argv) > (3 if argv[1] in TAKES_ARGUMENT else 2)):
     raise app.UsageError(f"Expected one command out of {', '.join(COMMANDS)}; got {argv[1:]}.")
   from gptjax.train import NonFiniteLossError  # pylint: disable=g-import-not-at-top
 
   try:
-    COMMANDS[argv[1]]()
+    from gptjax import sharding  # pylint: disable=g-import-not-at-top
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                    auto=_DISTRIBUTED.value)
+    COMMANDS[argv[1]](*argv[2:])
   except (ValueError, NonFiniteLossError) as e:
     # User-facing problems (bad config, missing dataset, diverged loss) as one line, no trace.
     print(f"gptjax {argv[1]}: error: {e}", file=sys.stderr)

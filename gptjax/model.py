@@ -1,17 +1,24 @@
 """A decoder-only Transformer (GPT) in Flax linen.
 
 Dimension letters used in names:
-  B batch, L length, D d_model, H heads, K head dim, F MLP hidden, V vocabulary.
+  B batch, L length, D d_model, H heads, K head dim, F MLP hidden, V vocabulary,
+  and for decoding: S key/value cache columns, N layers.
 
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, `position`,
 `norm`, and `layers` when scanned) and the main activations are constrained with
 `act_*` names; `config.mesh.rules` maps both to mesh axes, so this file never names a
 physical mesh axis.
+
+Decoding passes a `KVCache` to `Transformer.__call__`: each layer writes the new tokens'
+keys and values into its cache, the tokens attend over it, and the call returns the updated
+cache. Cached calls run unscanned layers (see `unstack_layers`); the training forward pass
+(no cache) is untouched by this path.
 """
 
 import dataclasses
 import math
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -109,13 +116,46 @@ def attention_mask(segment_ids_BL):
   return segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
 
 
+# Logical axes of each layer's cache [B, H, S, K].
+CACHE_AXES = ("batch", "act_heads", "act_length", "kv")
+
+
+def _write_cache(cache_BHSK, new_BLHK, index):
+  """The cache with the new tokens' keys (or values) written at columns index.."""
+  new_BHLK = new_BLHK.swapaxes(1, 2).astype(cache_BHSK.dtype)
+  cache_BHSK = jax.lax.dynamic_update_slice(cache_BHSK, new_BHLK, (0, 0, index, 0))
+  return nn.with_logical_constraint(cache_BHSK, CACHE_AXES)
+
+
+def cached_attention(q_BLHK, k_BHSK, v_BHSK, start_B, index):
+  """Attention of L new tokens, at columns index..index+L-1, over a cache holding them.
+
+  A query at column c sees the columns of its row (>= start_B) up to c. The math mirrors
+  jax.nn.dot_product_attention (float32 logits and softmax, a large finite negative for
+  masked keys) so cached logits match the full forward pass.
+  """
+  L, S = q_BLHK.shape[1], k_BHSK.shape[2]
+  query_L1 = index + jnp.arange(L)[:, None]
+  col_S = jnp.arange(S)
+  # A token always sees itself, so left-padding queries never have an empty softmax.
+  mask_B1LS = (((col_S >= start_B[:, None, None]) & (col_S <= query_L1))
+               | (col_S == query_L1))[:, None]
+  logits_BHLS = jnp.einsum("BLHK,BHSK->BHLS", q_BLHK, k_BHSK,
+                           preferred_element_type=jnp.float32)
+  logits_BHLS = logits_BHLS * jnp.float32(q_BLHK.shape[-1] ** -0.5)
+  logits_BHLS = jnp.where(mask_B1LS, logits_BHLS, -0.7 * jnp.finfo(jnp.float32).max)
+  probs_BHLS = jax.nn.softmax(logits_BHLS, axis=-1).astype(v_BHSK.dtype)
+  return jnp.einsum("BHLS,BHSK->BLHK", probs_BHLS, v_BHSK)
+
+
 class Attention(nn.Module):
-  """Causal multi-head self-attention within packed segments."""
+  """Causal multi-head self-attention within packed segments, or over a KV cache."""
   cfg: ModelConfig
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BLD, segment_ids_BL, positions_BL):
+  def __call__(self, x_BLD, segment_ids_BL, positions_BL, cache=None):
+    """y_BLD, or with `cache` (k_BHSK, v_BHSK, start_B, index): (y_BLD, (k_BHSK, v_BHSK))."""
     cfg = self.cfg
     H, K, D = cfg.num_heads, cfg.head_dim, cfg.d_model
     # One fused projection for q, k and v: a single larger matmul runs faster than three.
@@ -131,15 +171,24 @@ class Attention(nn.Module):
       q_BLHK = rope(q_BLHK, positions_BL, cfg.rope_theta)
       k_BLHK = rope(k_BLHK, positions_BL, cfg.rope_theta)
     q_BLHK = nn.with_logical_constraint(q_BLHK, ("batch", "act_length", "act_heads", None))
-    out_BLHK = jax.nn.dot_product_attention(
-        q_BLHK, k_BLHK, v_BLHK, mask=attention_mask(segment_ids_BL), is_causal=True)
+    if cache is None:
+      out_BLHK = jax.nn.dot_product_attention(
+          q_BLHK, k_BLHK, v_BLHK, mask=attention_mask(segment_ids_BL), is_causal=True)
+    else:
+      # Write first, then attend: the update is in place, whereas attending over the old
+      # cache and writing after makes XLA keep the old version, copying the cache each step.
+      k_BHSK, v_BHSK, start_B, index = cache
+      k_BHSK = _write_cache(k_BHSK, k_BLHK, index)
+      v_BHSK = _write_cache(v_BHSK, v_BLHK, index)
+      out_BLHK = cached_attention(q_BLHK, k_BHSK, v_BHSK, start_B, index)
     w_out = _param(self, "out", _init(cfg, residual=True), (H, K, D), ("heads", "kv", "embed"),
                    cfg.weight_dtype)
     y_BLD = jnp.einsum("BLHK,HKD->BLD", out_BLHK, w_out.astype(cfg.compute_dtype))
     if cfg.use_bias:
       y_BLD = y_BLD + _param(self, "out_bias", nn.initializers.zeros, (D,), ("embed",),
                              cfg.weight_dtype).astype(cfg.compute_dtype)
-    return nn.Dropout(cfg.dropout, deterministic=self.deterministic)(y_BLD)
+    y_BLD = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(y_BLD)
+    return y_BLD if cache is None else (y_BLD, (k_BHSK, v_BHSK))
 
 
 class Mlp(nn.Module):
@@ -176,13 +225,52 @@ class Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BLD, segment_ids_BL, positions_BL):
-    x_BLD = x_BLD + Attention(self.cfg, self.deterministic, name="attn")(
-        Norm(self.cfg, name="norm_attn")(x_BLD), segment_ids_BL, positions_BL)
+  def __call__(self, x_BLD, segment_ids_BL, positions_BL, cache=None):
+    """(x, None), or with `cache` (k_BHSK, v_BHSK, start_B, index): (x, (k_BHSK, v_BHSK))."""
+    attn = Attention(self.cfg, self.deterministic, name="attn")(
+        Norm(self.cfg, name="norm_attn")(x_BLD), segment_ids_BL, positions_BL, cache)
+    y_BLD, kv = (attn, None) if cache is None else attn
+    x_BLD = x_BLD + y_BLD
     x_BLD = x_BLD + Mlp(self.cfg, self.deterministic, name="mlp")(
         Norm(self.cfg, name="norm_mlp")(x_BLD))
     x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "act_length", "act_embed"))
-    return x_BLD, None  # (carry, output) so the same block serves nn.scan.
+    return x_BLD, kv  # (carry, output) so the same block serves nn.scan.
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Each layer's keys and values for decoding, rows left-padded.
+
+  Row b holds its tokens in columns start_B[b] .. index - 1; the next call writes its L
+  tokens at columns index .. index + L - 1, and the caller keeps index + L <= S. One array
+  a layer (not one stacked array) lets XLA update each in place; heads before columns let
+  both attention matmuls read it without a transpose.
+  """
+  k_BHSK: tuple[jax.Array, ...]
+  v_BHSK: tuple[jax.Array, ...]
+  start_B: jax.Array  # int32: first column of each row's tokens (left padding before it).
+  index: jax.Array  # int32 scalar: the next column to write.
+
+
+def init_cache(cfg: ModelConfig, start_B, capacity: int) -> KVCache:
+  """An empty cache of `capacity` columns for rows whose tokens begin at `start_B`."""
+  shape = (start_B.shape[0], cfg.num_heads, capacity, cfg.head_dim)
+
+  def zeros():
+    return tuple(nn.with_logical_constraint(jnp.zeros(shape, cfg.compute_dtype), CACHE_AXES)
+                 for _ in range(cfg.num_layers))
+
+  return KVCache(zeros(), zeros(), start_B.astype(jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def unstack_layers(params):
+  """Parameters of a scan_layers model in the unscanned layout (`blocks` -> `block_{i}`)."""
+  params = dict(params)
+  blocks = params.pop("blocks")
+  num_layers = jax.tree.leaves(blocks)[0].shape[0]
+  for i in range(num_layers):
+    params[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], blocks)
+  return params
 
 
 def _block_class(cfg: ModelConfig):
@@ -196,16 +284,21 @@ def _block_class(cfg: ModelConfig):
 
 
 class Transformer(nn.Module):
-  """tokens [B, L] -> logits [B, L, V] (float32)."""
+  """tokens [B, L] -> logits [B, L, V] (float32); with a cache, -> (logits, updated cache)."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None,
-               deterministic: bool = True):
+               deterministic: bool = True, cache: KVCache | None = None):
     cfg = self.cfg
     B, L = tokens_BL.shape
     if segment_ids_BL is None:
       segment_ids_BL = jnp.ones((B, L), jnp.int32)
+    if positions_BL is None and cache is not None:
+      # Left padding gets position 0; the clip keeps finished rows, which still advance,
+      # inside the learned table (their outputs are discarded).
+      positions_BL = jnp.clip(cache.index + jnp.arange(L) - cache.start_B[:, None], 0,
+                              cfg.max_len - 1)
     if positions_BL is None:
       positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
     embedding_VD = _param(self, "embedding", _init(cfg), (cfg.vocab_size, cfg.d_model),
@@ -220,15 +313,24 @@ class Transformer(nn.Module):
 
     block = _block_class(cfg)
     if cfg.scan_layers:
+      if cache is not None:
+        raise ValueError("KV-cache decoding runs unscanned layers; decode with scan_layers="
+                         "False and parameters converted by model.unstack_layers.")
       blocks = nn.scan(block, variable_axes={"params": 0},
                        split_rngs={"params": True, "dropout": True},
                        in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
                        metadata_params={nn.PARTITION_NAME: "layers"})
       x_BLD, _ = blocks(cfg, deterministic, name="blocks")(x_BLD, segment_ids_BL, positions_BL)
     else:
+      ks, vs = [], []
       for i in range(cfg.num_layers):
-        x_BLD, _ = block(cfg, deterministic, name=f"block_{i}")(
-            x_BLD, segment_ids_BL, positions_BL)
+        layer_cache = None if cache is None else (cache.k_BHSK[i], cache.v_BHSK[i],
+                                                  cache.start_B, cache.index)
+        x_BLD, kv = block(cfg, deterministic, name=f"block_{i}")(
+            x_BLD, segment_ids_BL, positions_BL, layer_cache)
+        if cache is not None:
+          ks.append(kv[0])
+          vs.append(kv[1])
 
     x_BLD = Norm(cfg, name="norm_final")(x_BLD)
     if cfg.tie_embeddings:
@@ -238,4 +340,7 @@ class Transformer(nn.Module):
                        ("embed", "vocab"), cfg.weight_dtype)
     logits_BLV = x_BLD @ head_DV.astype(cfg.compute_dtype)
     logits_BLV = nn.with_logical_constraint(logits_BLV, ("batch", "act_length", "act_vocab"))
-    return logits_BLV.astype(jnp.float32)
+    if cache is None:
+      return logits_BLV.astype(jnp.float32)
+    return logits_BLV.astype(jnp.float32), cache.replace(
+        k_BHSK=tuple(ks), v_BHSK=tuple(vs), index=cache.index + L)
