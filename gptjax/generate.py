@@ -284,7 +284,7 @@ class Generator:
     self._rows_1d = nn.logical_to_mesh_sharding(P("batch"), mesh, self.rules)
 
     def compiled(fn, **jit_kwargs):
-      fn = train_lib._under_mesh(functools.partial(fn, model=model), mesh, self.rules)  # pylint: disable=protected-access
+      fn = sharding.under_mesh(functools.partial(fn, model=model), mesh, self.rules)
       return jax.jit(fn, **jit_kwargs)
 
     self.generate_program = compiled(prefill_and_decode, static_argnames="plan")

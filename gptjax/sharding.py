@@ -4,6 +4,7 @@ Models name logical axes only (`embed`, `heads`, `batch`, ...). `config.mesh.rul
 to mesh axes (`data`, `fsdp`, `tensor`) and this module turns that table into shardings.
 """
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -63,6 +64,18 @@ def logical_shardings(boxed_tree, mesh: Mesh, rules):
   """NamedShardings for a tree whose leaves carry logical axis names (unannotated: replicated)."""
   specs = nn.get_partition_spec(boxed_tree)
   return nn.logical_to_mesh_sharding(specs, mesh, rules_tuple(rules))
+
+
+def under_mesh(fn, mesh: Mesh, rules):
+  """`fn` traced with the mesh and logical rules in scope, so that the model's logical
+  activation constraints apply (wrap a function before jitting it)."""
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+      return fn(*args, **kwargs)
+
+  return wrapped
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:

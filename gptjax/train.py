@@ -125,17 +125,6 @@ class Programs:
     return ckpt_lib.abstract_like(shapes, self.state_shardings)
 
 
-def _under_mesh(fn, mesh, rules):
-  """Traces `fn` with the mesh and logical rules in scope, so activation constraints apply."""
-
-  @functools.wraps(fn)
-  def wrapped(*args, **kwargs):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
-      return fn(*args, **kwargs)
-
-  return wrapped
-
-
 def compile_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Programs:
   """Builds the model, optimizer and jitted steps for `config` on `mesh`."""
   cfg = model_config(config)
@@ -165,11 +154,11 @@ def compile_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh)
   return Programs(
       model=model, mesh=mesh, rules=rules, state_shardings=state_shardings,
       batch_sharding=batch_sharding,
-      init=jax.jit(_under_mesh(init, mesh, rules), out_shardings=state_shardings),
-      train_step=jax.jit(_under_mesh(step, mesh, rules),
+      init=jax.jit(sharding.under_mesh(init, mesh, rules), out_shardings=state_shardings),
+      train_step=jax.jit(sharding.under_mesh(step, mesh, rules),
                          in_shardings=(state_shardings, batch_sharding),
                          out_shardings=(state_shardings, replicated), donate_argnums=0),
-      eval_step=jax.jit(_under_mesh(functools.partial(eval_step, model=model), mesh, rules),
+      eval_step=jax.jit(sharding.under_mesh(functools.partial(eval_step, model=model), mesh, rules),
                         in_shardings=(state_shardings.params, batch_sharding),
                         out_shardings=replicated),
   )

@@ -99,3 +99,46 @@ def tiny_dialogue_config(train_file, eval_file, data_dir=None):
   c.stage = "dialogue"
   c.data.update(kind="dialogue", train_files=str(train_file), eval_files=str(eval_file))
   return c
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory, tfds_data_dir, tiny_tokenizer_file):
+  """A tiny model trained for 4 steps, with a 64-token context for chat histories."""
+  from gptjax import train
+
+  path = tmp_path_factory.mktemp("trained") / "run"
+  path.mkdir()
+  shutil.copy(tiny_tokenizer_file, path / "tokenizer.model")
+  config = tiny_config(tfds_data_dir)
+  config.model.max_len = 64
+  train.train(config, str(path), progress=False)
+  return str(path)
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory, tfds_data_dir, tiny_tokenizer_file) -> dict[str, str]:
+  """A tiny two-stage pipeline and a replies-only dialogue run from its pretraining."""
+  import jax
+  import ml_collections
+
+  from gptjax import pipeline
+  from gptjax import sharding
+  from gptjax import train as train_lib
+
+  root = tmp_path_factory.mktemp("trained_runs")
+  paths = {"pipeline": str(root / "demo"), "replies_only": str(root / "replies_only")}
+  chats = write_chats(root / "chats.jsonl", 40), write_chats(root / "dev.jsonl", 8, 1)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 1}, jax.devices()[:2])
+  config = ml_collections.ConfigDict()
+  config.stages, config.tokenizer_stage = ("pretrain", "dialogue"), "pretrain"
+  config.pretrain = tiny_config(tfds_data_dir)
+  config.dialogue = tiny_dialogue_config(*chats)
+  os.makedirs(paths["pipeline"])
+  shutil.copy(tiny_tokenizer_file, os.path.join(paths["pipeline"], "tokenizer.model"))
+  pipeline.run(config, paths["pipeline"], mesh=mesh, progress=False)
+
+  replies = tiny_dialogue_config(*chats)
+  replies.init_from = os.path.join(paths["pipeline"], "pretrain")
+  replies.dialogue.history_weight = 0.0
+  train_lib.train(replies, paths["replies_only"], mesh=mesh, progress=False)
+  return paths

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from conftest import TOKENIZER_VOCAB
-from test_generate import RULES, trained_workdir  # noqa: F401  pylint: disable=unused-import
+from test_generate import RULES
 
 from gptjax import chat
 from gptjax import dialogue

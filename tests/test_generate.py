@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
 
 from gptjax import bench
 from gptjax import config as config_lib
@@ -253,20 +252,6 @@ def test_a_sharded_mesh_gives_the_one_device_tokens():
 def gptjax(*args):
   return subprocess.run([sys.executable, "-m", "gptjax", *args], capture_output=True,
                         text=True, cwd=ROOT, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def trained_workdir(tmp_path_factory, tfds_data_dir, tiny_tokenizer_file):
-  """A tiny model trained for 4 steps, with a 64-token context for chat histories."""
-  from gptjax import train
-
-  path = tmp_path_factory.mktemp("trained") / "run"
-  path.mkdir()
-  shutil.copy(tiny_tokenizer_file, path / "tokenizer.model")
-  config = tiny_config(tfds_data_dir)
-  config.model.max_len = 64
-  train.train(config, str(path), progress=False)
-  return str(path)
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ import sys
 import nbclient
 import nbformat
 import pytest
-from test_runs import trained_runs
 
 NOTEBOOK = pathlib.Path(__file__).parent.parent / "notebooks" / "losses.ipynb"
 
@@ -36,9 +35,8 @@ def test_the_notebook_is_stored_without_outputs():
 
 @pytest.mark.slow
 def test_the_notebook_runs_headless_on_real_runs_and_saves_its_figures(
-    tmp_path, monkeypatch, tmp_path_factory, tfds_data_dir, tiny_tokenizer_file):
-  paths = trained_runs(tmp_path_factory.getbasetemp() / "trained_runs", tfds_data_dir,
-                       tiny_tokenizer_file)
+    tmp_path, monkeypatch, trained_runs):
+  paths = trained_runs
   figures = tmp_path / "figures"
   monkeypatch.setenv("GPTJAX_RUNS", os.pathsep.join([paths["pipeline"], paths["replies_only"]]))
   monkeypatch.setenv("GPTJAX_FIGURES", str(figures))

@@ -3,13 +3,11 @@
 import json
 import os
 import re
-import shutil
 import warnings
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
-from conftest import tiny_config, tiny_dialogue_config, write_chats
 
 from gptjax import config as config_lib
 from gptjax import metrics
@@ -189,52 +187,9 @@ def test_each_comparison_arm_changes_one_thing_from_the_baseline():
   assert replies.to_dict() == baseline.dialogue.to_dict()
 
 
-# ------------------------------------------------------------------ real runs, trained once
-
-
-def trained_runs(root, data_dir, tokenizer_file) -> dict[str, str]:
-  """A tiny two-stage pipeline and a replies-only dialogue run from its pretraining, trained on
-  the first call of a session and reused after (test_notebook.py uses them too)."""
-  import jax
-  import ml_collections
-
-  from gptjax import pipeline
-  from gptjax import sharding
-  from gptjax import train as train_lib
-
-  paths = {"pipeline": str(root / "demo"), "replies_only": str(root / "replies_only")}
-  if (root / "done").exists():
-    return paths
-  if root.exists():
-    shutil.rmtree(root)  # An earlier call of this session failed halfway.
-  root.mkdir()
-  chats = write_chats(root / "chats.jsonl", 40), write_chats(root / "dev.jsonl", 8, 1)
-  mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 1}, jax.devices()[:2])
-  config = ml_collections.ConfigDict()
-  config.stages, config.tokenizer_stage = ("pretrain", "dialogue"), "pretrain"
-  config.pretrain = tiny_config(data_dir)
-  config.dialogue = tiny_dialogue_config(*chats)
-  os.makedirs(paths["pipeline"])
-  shutil.copy(tokenizer_file, os.path.join(paths["pipeline"], "tokenizer.model"))
-  pipeline.run(config, paths["pipeline"], mesh=mesh, progress=False)
-
-  replies = tiny_dialogue_config(*chats)
-  replies.init_from = os.path.join(paths["pipeline"], "pretrain")
-  replies.dialogue.history_weight = 0.0
-  train_lib.train(replies, paths["replies_only"], mesh=mesh, progress=False)
-  (root / "done").touch()
-  return paths
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tfds_data_dir, tiny_tokenizer_file):
-  return trained_runs(tmp_path_factory.getbasetemp() / "trained_runs", tfds_data_dir,
-                      tiny_tokenizer_file)
-
-
 @pytest.mark.slow
-def test_real_runs_load_with_both_stages_and_their_difference(trained):
-  df = runs.load([trained["pipeline"], trained["replies_only"]])
+def test_real_runs_load_with_both_stages_and_their_difference(trained_runs):
+  df = runs.load([trained_runs["pipeline"], trained_runs["replies_only"]])
   assert df.attrs["config_columns"] == ["dialogue.history_weight"]
   assert df.groupby("run", sort=False)["stage"].unique().map(list).to_dict() == {
       "demo": ["pretrain", "dialogue"], "replies_only": ["dialogue"]}
@@ -246,11 +201,11 @@ def test_real_runs_load_with_both_stages_and_their_difference(trained):
 
 
 @pytest.mark.slow
-def test_tensorboard_events_hold_the_losses_of_metrics_jsonl(trained):
+def test_tensorboard_events_hold_the_losses_of_metrics_jsonl(trained_runs):
   from tensorboard.backend.event_processing import event_accumulator
 
-  stage_dirs = [os.path.join(trained["pipeline"], "pretrain"),
-                os.path.join(trained["pipeline"], "dialogue"), trained["replies_only"]]
+  stage_dirs = [os.path.join(trained_runs["pipeline"], "pretrain"),
+                os.path.join(trained_runs["pipeline"], "dialogue"), trained_runs["replies_only"]]
   for stage_dir in stage_dirs:
     events = event_accumulator.EventAccumulator(os.path.join(stage_dir, "tensorboard"))
     events.Reload()
