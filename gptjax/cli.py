@@ -145,18 +145,12 @@ def cmd_eval():
 
 def cmd_prepare():
   """Prepares a tfds catalog dataset in array_record format (needs TensorFlow)."""
-  name = _require(_DATASET, "dataset", "prepare")
-  try:
-    import tensorflow  # noqa: F401  pylint: disable=unused-import
-  except ImportError:
-    raise UsageError("`prepare` needs TensorFlow to build tfds datasets; install it with "
-                     "`pip install tensorflow-cpu`.") from None
-  import tensorflow_datasets as tfds
+  from gptjax import data
 
-  builder = tfds.builder(name, data_dir=_DATA_DIR.value, file_format="array_record")
-  builder.download_and_prepare()
-  print(f"Prepared {name} {builder.info.version} in {builder.data_dir}: "
-        + ", ".join(f"{s} {v.num_examples}" for s, v in builder.info.splits.items()))
+  name = _require(_DATASET, "dataset", "prepare")
+  info = data.prepare(name, _DATA_DIR.value)
+  print(f"Prepared {name} {info.version} in {info.data_dir}: "
+        + ", ".join(f"{s} {v.num_examples}" for s, v in info.splits.items()))
 
 
 def _sampling():

@@ -83,6 +83,27 @@ def load_source(name: str, split: str, data_dir: str | None = None) -> Sequence[
   return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
 
 
+def prepare(name: str, data_dir: str | None = None):
+  """Downloads and prepares a tfds catalog dataset as array_record; returns its DatasetInfo.
+
+  tfds' builders need TensorFlow (reading the result does not), so only this imports it.
+  """
+  try:
+    import tensorflow  # noqa: F401  pylint: disable=unused-import,g-import-not-at-top
+  except ImportError:
+    raise ValueError("Preparing a tfds dataset needs TensorFlow; install it with "
+                     "`pip install tensorflow-cpu`.") from None
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  try:
+    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+  except tfds.core.registered.DatasetNotFoundError:
+    raise DatasetNotFoundError(f"{name!r} is not in the tfds catalog; check the name at "
+                               "https://www.tensorflow.org/datasets/catalog.") from None
+  builder.download_and_prepare()
+  return builder.info
+
+
 def text_documents(source: Sequence[Any], *, field: str = "text",
                    chunk_chars: int = 2_000) -> list[str]:
   """UTF-8 texts of `field`, long ones cut at paragraph, else line, boundaries."""

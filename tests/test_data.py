@@ -244,3 +244,49 @@ def test_tiny_shakespeare_gives_batches(tfds_data_dir):
                                                batch_size=2, seed=0)))
   assert batch["inputs"].shape == (2, 32) and batch["weights"].all()
   assert tokenizer.decode(batch["inputs"][0]).startswith("<s>")
+
+
+TINY_BUILDER = '''
+import tensorflow_datasets as tfds
+
+
+class GptjaxTinyLines(tfds.core.GeneratorBasedBuilder):
+  """Three lines of text, generated locally (no download)."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i, line in enumerate(["First line.", "Second line.", "Third, last."]):
+      yield i, {"text": line}
+'''
+
+
+def test_prepare_builds_array_record_that_load_source_reads(tmp_path, monkeypatch):
+  pytest.importorskip("tensorflow", reason="preparing tfds datasets needs tensorflow-cpu")
+  # tfds registers a builder when its class is defined; it must live in a package.
+  package = tmp_path / "gptjax_tiny_builder"
+  package.mkdir()
+  (package / "__init__.py").write_text(TINY_BUILDER)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  import gptjax_tiny_builder  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+
+  data_dir = tmp_path / "tfds"
+  info = data.prepare("gptjax_tiny_lines", str(data_dir))
+  assert info.splits["train"].num_examples == 3
+  assert list((data_dir / "gptjax_tiny_lines" / "1.0.0").glob("*.array_record*"))
+  source = data.load_source("gptjax_tiny_lines", "train", str(data_dir))
+  assert sorted(source[i]["text"] for i in range(3)) == [b"First line.", b"Second line.",
+                                                          b"Third, last."]
+
+
+def test_prepare_names_an_unknown_dataset(tmp_path):
+  pytest.importorskip("tensorflow", reason="preparing tfds datasets needs tensorflow-cpu")
+  with pytest.raises(data.DatasetNotFoundError, match="not in the tfds catalog"):
+    data.prepare("no_such_dataset_anywhere", str(tmp_path))
