@@ -180,3 +180,14 @@ def test_pipeline_runs_both_stages_and_does_not_redo_finished_ones(tfds_data_dir
 
   config.dialogue.train.steps = 3  # A finished stage is not redone, even if asked for more.
   assert pipeline.run(config, workdir, mesh=_mesh(), progress=False) == {}
+
+
+def test_handoff_restores_onto_another_mesh(pretrained, chats, tmp_path):
+  config = tiny_dialogue_config(*chats)
+  config.init_from = pretrained  # Trained on (data=2, fsdp=1, tensor=1).
+  config.train.update(steps=1, learning_rate=0.0)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, jax.devices()[:4])
+  result = train_lib.train(config, str(tmp_path / "dialogue"), mesh=mesh, progress=False)
+  qkv = result.state.params["block_0"]["attn"]["qkv"]
+  assert qkv.sharding.mesh.shape == mesh.shape and len(qkv.sharding.device_set) == 4
+  _assert_same(result.state.params, _params(pretrained))
