@@ -70,3 +70,26 @@ def test_bytes_per_device_fall_with_fsdp_times_tensor(shape):
   split = shape[1] * shape[2]
   # Norm scales stay replicated, so a little more than total / split.
   assert total / split <= per_device < 1.1 * total / split, (per_device, total / split)
+
+
+def test_bench_memory_reports_bytes_per_device_from_the_compiled_step():
+  from conftest import tiny_config
+
+  from gptjax import bench
+
+  def report(mesh):
+    config = tiny_config()
+    config.model.update(num_heads=4, d_model=64, d_ff=128)
+    config.mesh.update(mesh)
+    return bench.run_memory(config=config)
+
+  replicated = report({"data": 8, "fsdp": 1, "tensor": 1})
+  sharded = report({"data": 1, "fsdp": 8, "tensor": 1})
+  assert replicated["devices"] == 8 and sharded["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert replicated["param_bytes_per_device"] == 4 * replicated["params"]  # float32, whole.
+  assert sharded["param_bytes_per_device"] < replicated["param_bytes_per_device"] / 6
+  assert sharded["optimizer_bytes_per_device"] < replicated["optimizer_bytes_per_device"] / 6
+  for r in (replicated, sharded):
+    assert r["activation_bytes_per_device"] > 0
+    assert r["total_bytes_per_device"] >= (r["param_bytes_per_device"]
+                                           + r["optimizer_bytes_per_device"])
