@@ -9,13 +9,32 @@
           (weights plus KV cache read each step) allows at the measured memory bandwidth.
           `ratio` = that roofline / the measured decode rate (1.0 would be perfect).
 
-Timings are the best of `repeats` runs after a warm-up call that compiles: on a shared
+  train   Tokens/s of a config's train step (the median of `--steps` timed steps, each
+          synchronised with the device), the compile time of the first step, and model FLOPs
+          utilisation (MFU): FLOPs per token times tokens/s, against the matmul rate measured
+          in the same run (same dtype, same devices) and against the datasheet peak of known
+          accelerators. On the CPU, with PyTorch installed, it also times the same step in
+          PyTorch eager (benchmarks/torch_gpt.py) and reports the ratio.
+
+Decode timings are the best of `repeats` runs after a warm-up call that compiles: on a shared
 machine the best run is the one least disturbed by other work. `recompiles` counts the XLA
-compilations during the timed calls (0: the same shapes reuse their programs). New
-benchmarks register in BENCHMARKS.
+compilations during the timed calls (0: the same shapes reuse their programs). The train
+benchmark's `load_average` (1 minute, at its start and end) says how busy the machine was:
+trust CPU timings that start well below the core count. New benchmarks register in
+BENCHMARKS.
+
+Model FLOPs per token follow PaLM (Chowdhery et al. 2022, appendix B): 6N for the forward and
+backward matmuls of the N parameters (position embeddings excluded: they are added, not
+multiplied) plus 12 * layers * heads * head_dim * seq_len for attention, which counts the
+whole L x L score matrix; the `_causal` variants count the half that causal attention needs.
 """
 
 import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -29,6 +48,22 @@ from gptjax import model as model_lib
 from gptjax import sharding
 from gptjax import train as train_lib
 from gptjax import workdir as workdir_lib
+
+# Dense datasheet peaks per chip, TFLOP/s: (device_kind contains, bfloat16, float32). float32
+# is JAX's default matmul precision for float32 inputs: TF32 tensor cores on NVIDIA GPUs; TPUs
+# run it as bfloat16 passes and have no float32 datasheet figure. The first match wins, so
+# the more specific names come first.
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756, 378),
+    ("H100", 989, 495),  # SXM, device_kind "NVIDIA H100 80GB HBM3".
+    ("H200", 989, 495),
+    ("A100", 312, 156),
+    ("TPU v4", 275, None),
+    ("TPU v5 lite", 197, None),  # v5e.
+    ("TPU v5e", 197, None),
+    ("TPU v5p", 459, None),
+    ("TPU v5", 459, None),  # v5p reports "TPU v5".
+)
 
 
 @contextlib.contextmanager
@@ -58,12 +93,22 @@ def _best_seconds(fn, repeats: int) -> float:
   return min(times)
 
 
-def matmul_gflops(n: int = 1024, repeats: int = 10) -> float:
-  """Measured float32 [n, n] @ [n, n] rate of the default device, in GFLOP/s."""
-  x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  matmul = jax.jit(lambda a: a @ a)
-  matmul(x).block_until_ready()
-  return 2 * n**3 / _best_seconds(lambda: matmul(x).block_until_ready(), repeats) / 1e9
+def matmul_gflops(n: int = 1024, repeats: int = 10, dtype=jnp.float32, devices=None) -> float:
+  """Measured [n, n] @ [n, n] rate in GFLOP/s, of the default device or summed over `devices`.
+
+  With several devices each multiplies its own [n, n] block at once, as data parallelism
+  does, so devices that share hardware (the CPU devices of one host) share the rate.
+  """
+  devices = list(devices or jax.devices()[:1])
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
+  blocks = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+  x = jax.device_put(jax.random.normal(jax.random.key(0), (len(devices) * n, n), dtype), blocks)
+  w = jax.device_put(jax.random.normal(jax.random.key(1), (n, n), dtype),
+                     jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  matmul = jax.jit(lambda a, b: a @ b, out_shardings=blocks)
+  matmul(x, w).block_until_ready()
+  seconds = _best_seconds(lambda: matmul(x, w).block_until_ready(), repeats)
+  return 2 * len(devices) * n**3 / seconds / 1e9
 
 
 def read_gbps(nbytes: int, repeats: int = 10) -> float:
@@ -170,7 +215,7 @@ def generator_from_config(config: ml_collections.ConfigDict) -> generate_lib.Gen
 
 
 def run_decode(*, workdir: str | None = None, config: ml_collections.ConfigDict | None = None,
-               step: int | str | None = None) -> dict:
+               step: int | str | None = None, **unused_flags) -> dict:
   """The decode benchmark on a trained run (`workdir`) or on random weights (`config`)."""
   if workdir:
     generator, _ = generate_lib.load(workdir, step, stop_ids=())  # Decode every token.
@@ -182,7 +227,6 @@ def run_decode(*, workdir: str | None = None, config: ml_collections.ConfigDict 
   return decode(generator)
 
 
-# name -> fn(*, workdir, config, step) -> dict, printed as one JSON object.
 def _bytes_per_device(tree) -> int:
   """Bytes of one device's shards of a tree of ShapeDtypeStructs with shardings."""
   return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
@@ -190,7 +234,7 @@ def _bytes_per_device(tree) -> int:
 
 
 def run_memory(*, workdir: str | None = None, config: ml_collections.ConfigDict | None = None,
-               step=None) -> dict:
+               step=None, **unused_flags) -> dict:
   """Bytes per device of a config's train step on this machine's devices, from the compiled
   step's memory analysis: will the run fit before it is launched?"""
   del step
@@ -228,4 +272,171 @@ def run_memory(*, workdir: str | None = None, config: ml_collections.ConfigDict 
   }
 
 
-BENCHMARKS = {"decode": run_decode, "memory": run_memory}
+# ----------------------------------------------------------------------------- train
+
+
+def train_flops_per_token(cfg: model_lib.ModelConfig, params, seq_len: int) -> dict:
+  """PaLM's model FLOPs per token of a train step (see the module docstring)."""
+  n = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
+          if all(getattr(k, "key", None) != "pos_embedding" for k in path))
+  attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+  return {"params_counted": int(n), "flops_per_token": int(6 * n + attention),
+          "flops_per_token_causal": int(6 * n + attention // 2)}
+
+
+def peak_gflops(device_kind: str, dtype) -> float | None:
+  """Datasheet peak of one device at `dtype` in GFLOP/s; None where it is not known."""
+  for name, bf16, f32 in PEAK_TFLOPS:
+    if name in device_kind:
+      peak = bf16 if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else f32
+      return None if peak is None else peak * 1e3
+  return None
+
+
+def random_batch(config: ml_collections.ConfigDict, rows: int, seed: int = 0) -> dict:
+  """`rows` rows of uniformly random tokens, one document a row: speed ignores the text."""
+  length, vocab = config.data.seq_len, config.model.vocab_size
+  tokens = np.random.default_rng(seed).integers(0, vocab, (rows, length + 1), dtype=np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "segment_ids": np.ones((rows, length), np.int32),
+          "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)),
+          "weights": np.ones((rows, length), np.float32)}
+
+
+def torch_script() -> str:
+  """Path of the PyTorch reference step, beside the package in a checkout."""
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "benchmarks", "torch_gpt.py")
+
+
+def torch_reference(config: ml_collections.ConfigDict, steps: int) -> dict:
+  """Tokens/s of benchmarks/torch_gpt.py at `config`'s shape, or {"skipped": why}."""
+  m = config.model
+  gpt2_style = dict(positions="learned", norm="layernorm", mlp="gelu", use_bias=False,
+                    tie_embeddings=True, dtype="float32", dropout=0.0)
+  different = [f"model.{k}={m[k]!r}" for k, v in gpt2_style.items() if m[k] != v]
+  if different:
+    return {"skipped": "the PyTorch reference is a float32 GPT-2 style model only, not "
+                       + ", ".join(different)}
+  if jax.process_count() > 1 or jax.devices()[0].platform != "cpu":
+    return {"skipped": "the PyTorch reference runs on one CPU host only"}
+  if not os.path.exists(torch_script()):
+    return {"skipped": f"{torch_script()} is missing (run from a gptjax checkout)"}
+  args = dict(vocab=m.vocab_size, layers=m.num_layers, heads=m.num_heads, d_model=m.d_model,
+              d_ff=m.d_ff, seq_len=config.data.seq_len, batch=config.train.batch_size,
+              steps=steps)
+  # A subprocess: PyTorch's OpenMP threads never compete with XLA's for the cores.
+  out = subprocess.run([sys.executable, torch_script()]
+                       + [f"--{k}={v}" for k, v in args.items()],
+                       capture_output=True, text=True, timeout=3600, check=False)
+  if out.returncode:
+    return {"skipped": f"benchmarks/torch_gpt.py failed: {out.stderr.strip()[-300:]}"}
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 2,
+          torch: str = "auto") -> dict:
+  """Throughput and MFU of `config`'s train step on random tokens (see the module docstring).
+
+  `torch`: "auto" also times the PyTorch reference when torch is installed and the reference
+  applies (CPU, GPT-2 style, float32); "on" insists on it; "off" skips it.
+  """
+  load_start = os.getloadavg()[0]
+  mesh = sharding.make_mesh(config.mesh)
+  train_lib.validate(config, mesh)
+  cfg = train_lib.model_config(config)
+  programs = train_lib.compile_programs(config, mesh)
+  state = programs.init(jax.random.key(config.train.seed))
+  t = config.train
+  batch = train_lib.global_batch(
+      random_batch(config, t.batch_size // jax.process_count(), seed=jax.process_index()),
+      programs.batch_sharding)
+
+  def run_step():
+    nonlocal state
+    state, metrics = programs.train_step(state, batch)
+    jax.block_until_ready((state, metrics))
+    return metrics
+
+  start = time.perf_counter()
+  first_loss = float(run_step()["loss"])
+  compile_s = time.perf_counter() - start  # Tracing, compiling and running the first step.
+  for _ in range(warmup):
+    run_step()
+  with count_compiles() as recompiles:
+    times = []
+    for _ in range(steps):
+      start = time.perf_counter()
+      run_step()
+      times.append(time.perf_counter() - start)
+    # The same steps dispatched back to back, as the train loop runs them, synchronised once.
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = programs.train_step(state, batch)
+    jax.block_until_ready((state, metrics))
+    loop_s = (time.perf_counter() - start) / steps
+  step_s = statistics.median(times)
+
+  tokens = t.batch_size * config.data.seq_len
+  tokens_per_sec = tokens / step_s
+  flops = train_flops_per_token(cfg, state.params, config.data.seq_len)
+  devices = mesh.devices.flatten()
+  platform = devices[0].platform
+  # Accelerators need large matmuls to reach their peak; 1024 is enough for a CPU. Each
+  # process measures its own devices (hosts are assumed alike).
+  local = [d for d in devices if d.process_index == jax.process_index()]
+  rate = jax.process_count() * matmul_gflops(1024 if platform == "cpu" else 8192,
+                                             dtype=cfg.compute_dtype, devices=local)
+  peak = peak_gflops(devices[0].device_kind, cfg.compute_dtype)
+  peak = None if peak is None else peak * len(devices)
+  achieved = {k: flops[f"flops_per_token{k}"] * tokens_per_sec / 1e9 for k in ("", "_causal")}
+  result = {
+      "benchmark": "train", "device": str(devices[0].device_kind), "devices": len(devices),
+      "platform": platform, "dtype": cfg.dtype, "batch_size": t.batch_size,
+      "seq_len": config.data.seq_len, "tokens_per_step": tokens,
+      "params": int(sum(x.size for x in jax.tree.leaves(state.params))), **flops,
+      "attention": model_lib.attention_implementation(cfg),
+      "compile_s": round(compile_s, 2), "steps": steps,
+      "step_ms": round(1000 * step_s, 2), "step_ms_min": round(1000 * min(times), 2),
+      "step_ms_max": round(1000 * max(times), 2),
+      "tokens_per_sec": round(tokens_per_sec, 1),
+      "loop_tokens_per_sec": round(tokens / loop_s, 1),
+      "achieved_gflops": round(achieved[""], 1),
+      "achieved_gflops_causal": round(achieved["_causal"], 1),
+      "matmul_gflops": round(rate, 1),
+      "mfu_vs_matmul": round(achieved[""] / rate, 4),
+      "mfu_vs_matmul_causal": round(achieved["_causal"] / rate, 4),
+      "peak_gflops": peak,
+      "mfu_vs_peak": None if peak is None else round(achieved[""] / peak, 4),
+      "mfu_vs_peak_causal": None if peak is None else round(achieved["_causal"] / peak, 4),
+      "first_loss": round(first_loss, 4), "recompiles": recompiles[0],
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
+  if torch != "off":
+    try:
+      import torch as _  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+      reference = torch_reference(config, steps)
+    except ImportError:
+      reference = {"skipped": "torch is not installed (pip install -e .[bench])"}
+    if torch == "on" and "skipped" in reference:
+      raise ValueError(f"--torch=on, but {reference['skipped']}.")
+    result["torch"] = reference
+    if "tokens_per_sec" in reference:
+      result["ratio_to_torch"] = round(tokens_per_sec / reference["tokens_per_sec"], 3)
+  result["load_average"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
+  return result
+
+
+def run_train(*, workdir: str | None = None, config: ml_collections.ConfigDict | None = None,
+              step=None, steps: int = 20, torch: str = "auto") -> dict:
+  """The train benchmark of --config (a fresh model on random tokens)."""
+  del step
+  if config is None or workdir:
+    raise ValueError("`bench train` needs --config FILE (e.g. experiments/bench_cpu.py), not "
+                     "--workdir: it times a fresh model on random tokens.")
+  return train(config, steps=steps, torch=torch)
+
+
+# name -> fn(*, workdir, config, step, steps, torch) -> dict, printed as one JSON object;
+# `steps` and `torch` are the train benchmark's flags, which the others ignore.
+BENCHMARKS = {"decode": run_decode, "memory": run_memory, "train": run_train}

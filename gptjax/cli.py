@@ -17,6 +17,9 @@
            one reply per --message (or stdin line) for scripts.
   bench    decode (--workdir DIR | --config experiments/NAME.py) [--step N|best]
            Prefill and decode tokens/s at batch 1 and 8 against the machine's limits, as JSON.
+  bench    train --config experiments/NAME.py [--steps N] [--torch auto|on|off]
+           Train step tokens/s, compile time and MFU (on the CPU, next to the PyTorch
+           reference step's tokens/s), as JSON.
 
 Config overrides follow ml_collections: an unknown key or a value of the wrong type is an
 error naming the key, and nothing starts.
@@ -62,6 +65,10 @@ _NO_REPEAT_NGRAM_SIZE = flags.DEFINE_integer(
     "no_repeat_ngram_size", 0, "Never repeat an n-gram of this many tokens; 0: off.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "sample: completions per prompt.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed: the same seed gives the same text.")
+_BENCH_STEPS = flags.DEFINE_integer("steps", 20, "bench train: timed steps after the warm-up.")
+_TORCH = flags.DEFINE_enum(
+    "torch", "auto", ["auto", "on", "off"], "bench train: also time the PyTorch reference step "
+    "(benchmarks/torch_gpt.py); auto: when torch is installed and the run is on the CPU.")
 
 
 class UsageError(ValueError):
@@ -228,7 +235,7 @@ def cmd_chat():
 
 
 def cmd_bench(kind: str | None = None):
-  """Runs one benchmark (`bench decode`) and prints its JSON."""
+  """Runs one benchmark (`bench decode`, `bench train`, ...) and prints its JSON."""
   from gptjax import bench
 
   if kind not in bench.BENCHMARKS:
@@ -236,7 +243,8 @@ def cmd_bench(kind: str | None = None):
                      "`python -m gptjax bench decode --workdir DIR`.")
   config = _CONFIG.value if _WORKDIR.value is None else None
   print(json.dumps(bench.BENCHMARKS[kind](workdir=_WORKDIR.value, config=config,
-                                          step=_STEP.value), indent=2))
+                                          step=_STEP.value, steps=_BENCH_STEPS.value,
+                                          torch=_TORCH.value), indent=2))
 
 
 COMMANDS = {"train": cmd_train, "pipeline": cmd_pipeline, "eval": cmd_eval,

@@ -35,6 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.param_dtype = "float32"  # Storage dtype of parameters and optimizer state.
   m.scan_layers = False  # nn.scan over blocks: compile time independent of depth.
   m.remat = "none"  # Rematerialise blocks in the backward pass: "none", "full" or "dots".
+  # Attention kernel: "auto" (per backend: "chunked" on the CPU, "cudnn" for bf16/fp16 on
+  # NVIDIA GPUs, else "xla"), or one of them by name; all compute the same (gptjax/model.py).
+  m.attention = "auto"
 
   c.tokenizer = t = ml_collections.ConfigDict()
   t.model_type = "bpe"  # SentencePiece algorithm: "bpe" or "unigram".

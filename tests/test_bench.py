@@ -1,0 +1,110 @@
+"""The train benchmark: FLOP counts, datasheet peaks, its JSON report, the PyTorch reference."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import TINY_EXPERIMENT, tiny_config
+
+from gptjax import bench
+from gptjax import model as model_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _params(cfg):
+  return jax.eval_shape(model_lib.Transformer(cfg).init, jax.random.key(0),
+                        jnp.zeros((1, cfg.max_len), jnp.int32))["params"]
+
+
+def test_flops_per_token_follow_palm():
+  cfg = model_lib.ModelConfig(vocab_size=100, num_layers=2, num_heads=4, d_model=32, d_ff=64,
+                              max_len=16)
+  flops = bench.train_flops_per_token(cfg, _params(cfg), seq_len=16)
+  # A layer: qkv 32x96, out 32x32, MLP 2x32x64, two norm scales; the tied embedding 100x32
+  # and the final norm. Position embeddings (16x32) are added, not multiplied: not counted.
+  n = 2 * (32 * 96 + 32 * 32 + 2 * 32 * 64 + 2 * 32) + 100 * 32 + 32
+  assert flops["params_counted"] == n
+  assert flops["flops_per_token"] == 6 * n + 12 * 2 * 4 * 8 * 16  # 12 L H Q T.
+  assert flops["flops_per_token_causal"] == 6 * n + 6 * 2 * 4 * 8 * 16
+
+
+@pytest.mark.parametrize("kind, dtype, peak", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e3),
+    ("NVIDIA H100 PCIe", "bfloat16", 756e3),
+    ("NVIDIA H100 80GB HBM3", "float32", 495e3),
+    ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e3),
+    ("TPU v5 lite", "bfloat16", 197e3),
+    ("TPU v5", "bfloat16", 459e3),
+    ("TPU v4", "float32", None),
+    ("cpu", "float32", None),
+])
+def test_datasheet_peaks(kind, dtype, peak):
+  assert bench.peak_gflops(kind, dtype) == peak
+
+
+def test_matmul_rate_of_one_device_and_of_several():
+  assert bench.matmul_gflops(n=128, repeats=2) > 0
+  assert bench.matmul_gflops(n=128, repeats=2, dtype=jnp.bfloat16, devices=jax.devices()[:2]) > 0
+
+
+def test_train_benchmark_reports_throughput_and_mfu():
+  report = bench.train(tiny_config(), steps=2, warmup=1, torch="off")
+  assert report["benchmark"] == "train" and report["devices"] == 8
+  assert report["tokens_per_step"] == 8 * 32 and report["steps"] == 2
+  assert report["tokens_per_sec"] > 0 and report["loop_tokens_per_sec"] > 0
+  assert report["flops_per_token"] > report["flops_per_token_causal"] > 0
+  assert report["achieved_gflops"] == pytest.approx(
+      report["flops_per_token"] * report["tokens_per_sec"] / 1e9, abs=0.06)  # Rounded.
+  assert report["mfu_vs_matmul"] > 0 and report["mfu_vs_peak"] is None  # No CPU datasheet.
+  assert report["recompiles"] == 0 and report["attention"] == "chunked"
+  assert "torch" not in report
+  json.dumps(report)  # One printable JSON object.
+
+
+def test_torch_reference_only_times_the_model_it_implements():
+  config = tiny_config()
+  config.model.positions = "rope"
+  assert "model.positions='rope'" in bench.torch_reference(config, steps=1)["skipped"]
+  config = tiny_config()
+  config.model.dtype = "bfloat16"
+  assert "model.dtype='bfloat16'" in bench.torch_reference(config, steps=1)["skipped"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                    reason="torch is a benchmark-only extra: pip install -e .[bench]")
+def test_torch_reference_is_the_same_network():
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  try:
+    import torch_gpt  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.pop(0)
+  result = torch_gpt.measure(vocab=61, layers=2, heads=2, d_model=32, d_ff=64, seq_len=16,
+                             batch=2, steps=2, warmup=1, threads=1)
+  assert result["tokens_per_sec"] > 0
+  cfg = model_lib.ModelConfig(vocab_size=61, num_layers=2, num_heads=2, d_model=32, d_ff=64,
+                              max_len=16)
+  assert result["params"] == sum(x.size for x in jax.tree.leaves(_params(cfg)))
+
+
+@pytest.mark.slow
+def test_bench_train_command_prints_one_json_object(tmp_path):
+  experiment = tmp_path / "tiny.py"
+  experiment.write_text(TINY_EXPERIMENT)
+
+  def gptjax(*args):
+    return subprocess.run([sys.executable, "-m", "gptjax", "bench", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)
+
+  out = gptjax("train", "--config", str(experiment), "--steps", "2", "--torch", "off")
+  assert out.returncode == 0, out.stderr
+  report = json.loads(out.stdout)
+  assert report["benchmark"] == "train" and report["tokens_per_sec"] > 0
+  assert report["steps"] == 2 and "torch" not in report
+  missing = gptjax("train")
+  assert missing.returncode == 1 and "needs --config" in missing.stderr
