@@ -44,6 +44,7 @@ import numpy as np
 
 from gptjax import data as data_lib
 from gptjax import generate as generate_lib
+from gptjax import host
 from gptjax import model as model_lib
 from gptjax import sharding
 from gptjax import train as train_lib
@@ -334,6 +335,17 @@ def torch_reference(config: ml_collections.ConfigDict, steps: int) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _torch_or_skip(config: ml_collections.ConfigDict, steps: int, required: bool) -> dict:
+  try:
+    import torch as _  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    reference = torch_reference(config, steps)
+  except ImportError:
+    reference = {"skipped": "torch is not installed (pip install -e .[bench])"}
+  if required and "skipped" in reference:
+    raise ValueError(f"--torch=on, but {reference['skipped']}.")
+  return reference
+
+
 def train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 2,
           torch: str = "auto") -> dict:
   """Throughput and MFU of `config`'s train step on random tokens (see the module docstring).
@@ -342,6 +354,9 @@ def train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 2
   applies (CPU, GPT-2 style, float32); "on" insists on it; "off" skips it.
   """
   load_start = os.getloadavg()[0]
+  # The PyTorch step first, while this process has not started XLA's threads: the two never
+  # share the cores.
+  reference = None if torch == "off" else _torch_or_skip(config, steps, required=torch == "on")
   mesh = sharding.make_mesh(config.mesh)
   train_lib.validate(config, mesh)
   cfg = train_lib.model_config(config)
@@ -410,16 +425,9 @@ def train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 2
       "mfu_vs_peak": None if peak is None else round(achieved[""] / peak, 4),
       "mfu_vs_peak_causal": None if peak is None else round(achieved["_causal"] / peak, 4),
       "first_loss": round(first_loss, 4), "recompiles": recompiles[0],
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      **host.describe(),
   }
-  if torch != "off":
-    try:
-      import torch as _  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-      reference = torch_reference(config, steps)
-    except ImportError:
-      reference = {"skipped": "torch is not installed (pip install -e .[bench])"}
-    if torch == "on" and "skipped" in reference:
-      raise ValueError(f"--torch=on, but {reference['skipped']}.")
+  if reference is not None:
     result["torch"] = reference
     if "tokens_per_sec" in reference:
       result["ratio_to_torch"] = round(tokens_per_sec / reference["tokens_per_sec"], 3)

@@ -247,6 +247,26 @@ def cmd_bench(kind: str | None = None):
                                           torch=_TORCH.value), indent=2))
 
 
+def _host_config():
+  """`config.host` of --config (of its first stage for a pipeline), else of --workdir's run,
+  else the defaults: the process settings gptjax/host.py applies before anything runs."""
+  from gptjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from gptjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+
+  config = _CONFIG.value
+  if config is not None and "stages" in config and config.stages:
+    config = config[config.stages[0]]
+  if config is None and _WORKDIR.value:
+    try:
+      config = workdir_lib.read_config(_WORKDIR.value)
+    except ValueError:
+      config = None  # The command itself says what is wrong with the workdir.
+  host = config_lib.base_config().host
+  if config is not None and "host" in config:
+    host.update(config.host)
+  return host
+
+
 COMMANDS = {"train": cmd_train, "pipeline": cmd_pipeline, "eval": cmd_eval,
             "prepare": cmd_prepare, "sample": cmd_sample, "chat": cmd_chat, "bench": cmd_bench}
 # Commands that take one positional argument (`bench decode`).
@@ -259,6 +279,11 @@ def main(argv):
   if (len(argv) < 2 or argv[1] not in COMMANDS
       or len(argv) > (3 if argv[1] in TAKES_ARGUMENT else 2)):
     raise app.UsageError(f"Expected one command out of {', '.join(COMMANDS)}; got {argv[1:]}.")
+  from gptjax import host as host_lib  # pylint: disable=g-import-not-at-top
+
+  # First, before jax starts: this may re-execute the command (gptjax/host.py).
+  host = _host_config()
+  host_lib.apply(host.hugepages, host.xla_cpu_flags, sys.argv)
   from gptjax.train import NonFiniteLossError  # pylint: disable=g-import-not-at-top
 
   try:

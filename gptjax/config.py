@@ -39,6 +39,11 @@ def base_config() -> ml_collections.ConfigDict:
   # NVIDIA GPUs, else "xla"), or one of them by name; all compute the same (gptjax/model.py).
   m.attention = "auto"
 
+  c.host = h = ml_collections.ConfigDict()
+  # Process-level settings, applied by the command line at start (gptjax/host.py).
+  h.hugepages = True  # Back XLA:CPU's per-step buffers with transparent huge pages (Linux).
+  h.xla_cpu_flags = "auto"  # XLA flags: "auto" = gptjax's measured CPU defaults, "" = none.
+
   c.tokenizer = t = ml_collections.ConfigDict()
   t.model_type = "bpe"  # SentencePiece algorithm: "bpe" or "unigram".
   t.max_chars = 5_000_000  # Characters of training text the tokenizer trainer reads at most.

@@ -6,8 +6,15 @@ any test module imports jax.
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+from gptjax import host  # noqa: E402  (imports no jax)
+
+# gptjax's CPU flags too, so tests run the kernels the command line runs (see
+# tests/test_golden.py); and subprocesses start with the huge-page tunable, so the command line
+# has no reason to re-execute itself (tests/test_bench.py checks that it would).
+os.environ["XLA_FLAGS"] = host.xla_flags(
+    "auto", os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+if host.hugepages_supported():
+  os.environ["GLIBC_TUNABLES"] = host.glibc_tunables(True)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import shutil  # noqa: E402

@@ -1,0 +1,49 @@
+"""Process settings (gptjax/host.py): the XLA flags and glibc tunable the command line sets."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import TINY_EXPERIMENT
+
+from gptjax import host
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_xla_flags_put_the_users_own_flags_last():
+  assert host.xla_flags("auto", "") == host.CPU_XLA_FLAGS
+  assert host.xla_flags("", "--a=1") == "--a=1"
+  assert host.xla_flags("--b=2", "--a=1") == "--b=2 --a=1"  # XLA: the last one wins.
+  mine = f"--xla_force_host_platform_device_count=8 {host.CPU_XLA_FLAGS}"
+  assert host.xla_flags("auto", mine) == mine  # Never twice.
+
+
+def test_glibc_tunables_keep_the_users_own():
+  assert host.glibc_tunables(True, "") == "glibc.malloc.hugetlb=1"
+  assert host.glibc_tunables(True, "glibc.malloc.arena_max=2") == (
+      "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
+  assert host.glibc_tunables(True, "glibc.malloc.hugetlb=0") == "glibc.malloc.hugetlb=0"
+  assert host.glibc_tunables(False, "x=1") == "x=1"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not host.hugepages_supported(), reason="needs Linux, glibc and THP")
+def test_command_line_restarts_itself_with_huge_pages(tmp_path):
+  experiment = tmp_path / "tiny.py"
+  experiment.write_text(TINY_EXPERIMENT)
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "XLA_FLAGS")}
+
+  def report(*overrides):
+    out = subprocess.run([sys.executable, "-m", "gptjax", "bench", "train", "--config",
+                          str(experiment), "--steps", "1", "--torch", "off", *overrides],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+  on = report()
+  assert on["hugepages"] and on["xla_flags"] == host.CPU_XLA_FLAGS
+  off = report("--config.host.hugepages=False", "--config.host.xla_cpu_flags=")
+  assert not off["hugepages"] and off["xla_flags"] == ""
