@@ -354,8 +354,8 @@ def train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 2
   applies (CPU, GPT-2 style, float32); "on" insists on it; "off" skips it.
   """
   load_start = os.getloadavg()[0]
-  # The PyTorch step first, while this process has not started XLA's threads: the two never
-  # share the cores.
+  # The PyTorch step first, before this process runs anything on XLA: the two never share
+  # the cores.
   reference = None if torch == "off" else _torch_or_skip(config, steps, required=torch == "on")
   mesh = sharding.make_mesh(config.mesh)
   train_lib.validate(config, mesh)

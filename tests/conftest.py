@@ -73,13 +73,18 @@ def tiny_tokenizer_file(tmp_path_factory, tfds_data_dir):
   return path
 
 
+def with_tokenizer(path, tiny_tokenizer_file):
+  """Creates the directory `path` holding the shared tiny tokenizer (so a run skips training
+  one) and returns `path`."""
+  os.makedirs(path)
+  shutil.copy(tiny_tokenizer_file, os.path.join(path, "tokenizer.model"))
+  return path
+
+
 @pytest.fixture
 def workdir(tmp_path, tiny_tokenizer_file):
   """A fresh workdir with the shared tiny tokenizer already in place (skips its training)."""
-  path = tmp_path / "run"
-  path.mkdir()
-  shutil.copy(tiny_tokenizer_file, path / "tokenizer.model")
-  return str(path)
+  return str(with_tokenizer(tmp_path / "run", tiny_tokenizer_file))
 
 
 def write_chats(path, count: int, seed: int = 0):
@@ -113,9 +118,7 @@ def trained_workdir(tmp_path_factory, tfds_data_dir, tiny_tokenizer_file):
   """A tiny model trained for 4 steps, with a 64-token context for chat histories."""
   from gptjax import train
 
-  path = tmp_path_factory.mktemp("trained") / "run"
-  path.mkdir()
-  shutil.copy(tiny_tokenizer_file, path / "tokenizer.model")
+  path = with_tokenizer(tmp_path_factory.mktemp("trained") / "run", tiny_tokenizer_file)
   config = tiny_config(tfds_data_dir)
   config.model.max_len = 64
   train.train(config, str(path), progress=False)
@@ -140,8 +143,7 @@ def trained_runs(tmp_path_factory, tfds_data_dir, tiny_tokenizer_file) -> dict[s
   config.stages, config.tokenizer_stage = ("pretrain", "dialogue"), "pretrain"
   config.pretrain = tiny_config(tfds_data_dir)
   config.dialogue = tiny_dialogue_config(*chats)
-  os.makedirs(paths["pipeline"])
-  shutil.copy(tiny_tokenizer_file, os.path.join(paths["pipeline"], "tokenizer.model"))
+  with_tokenizer(paths["pipeline"], tiny_tokenizer_file)
   pipeline.run(config, paths["pipeline"], mesh=mesh, progress=False)
 
   replies = tiny_dialogue_config(*chats)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TINY_EXPERIMENT
+from conftest import TINY_EXPERIMENT, with_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENT = os.path.join(ROOT, "experiments", "shakespeare_pretrain.py")
@@ -49,9 +49,7 @@ def test_train_writes_the_workdir_contract_and_resumes(tmp_path, tfds_data_dir,
                                                        tiny_tokenizer_file):
   experiment = tmp_path / "tiny.py"
   experiment.write_text(TINY_EXPERIMENT)
-  workdir = tmp_path / "run"
-  workdir.mkdir()
-  shutil.copy(tiny_tokenizer_file, workdir / "tokenizer.model")
+  workdir = with_tokenizer(tmp_path / "run", tiny_tokenizer_file)
   out = gptjax("train", "--config", str(experiment), "--workdir", str(workdir),
                f"--config.data.data_dir={tfds_data_dir}", check=True)
   assert "Done: pretrain at step 4" in out.stdout

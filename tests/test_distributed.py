@@ -3,7 +3,6 @@ and match one process fed the same global batches."""
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_EXPERIMENT, tiny_config
+from conftest import TINY_EXPERIMENT, tiny_config, with_tokenizer
 
 from gptjax import checkpoint as ckpt_lib
 from gptjax import datasets
@@ -48,9 +47,7 @@ def test_two_processes_train_checkpoint_resume_and_match_one(tmp_path, tfds_data
                                                              tiny_tokenizer_file):
   experiment = tmp_path / "tiny.py"
   experiment.write_text(TINY_EXPERIMENT)
-  workdir = tmp_path / "run"
-  workdir.mkdir()
-  shutil.copy(tiny_tokenizer_file, workdir / "tokenizer.model")
+  workdir = with_tokenizer(tmp_path / "run", tiny_tokenizer_file)
   flags = [f"--config.data.data_dir={tfds_data_dir}"]
   outs = _launch_two(experiment, workdir, *flags, "--config.train.steps=2")
   assert "Done: pretrain at step 2" in outs[0]

@@ -2,12 +2,11 @@
 
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config, tiny_dialogue_config, write_chats
+from conftest import tiny_config, tiny_dialogue_config, with_tokenizer, write_chats
 
 from gptjax import checkpoint as ckpt_lib
 from gptjax import evaluate
@@ -24,9 +23,7 @@ def _mesh():
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, tfds_data_dir, tiny_tokenizer_file):
   """A 3-step tiny pretraining run (its workdir)."""
-  workdir = tmp_path_factory.mktemp("pretrain") / "run"
-  workdir.mkdir()
-  shutil.copy(tiny_tokenizer_file, workdir / "tokenizer.model")
+  workdir = with_tokenizer(tmp_path_factory.mktemp("pretrain") / "run", tiny_tokenizer_file)
   config = tiny_config(tfds_data_dir)
   config.train.steps = 3
   train_lib.train(config, str(workdir), mesh=_mesh(), progress=False)
