@@ -157,9 +157,13 @@ def _merge_greedily(pieces: list[str], chunk_chars: int) -> list[str]:
 
 
 def tokenize_document(text: str, tokenizer: Tokenizer) -> dict[str, np.ndarray]:
-  """A pretraining document: [bos] + text + [eos], every token weighted 1."""
-  tokens_N = np.array([tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id],
-                      np.int32)
+  """A pretraining document: [bos] + text + [eos], every token weighted 1.
+
+  Chat-token literals in the text stay text (see Tokenizer.encode).
+  """
+  tokens_N = np.array(
+      [tokenizer.bos_id, *tokenizer.encode(text, chat_tokens=False), tokenizer.eos_id],
+      np.int32)
   return {"tokens": tokens_N, "weights": np.ones(tokens_N.shape, np.float32)}
 
 

@@ -66,6 +66,12 @@ class Rendered:
   assistant: np.ndarray
 
 
+def _encode_turns(messages: Sequence[dict], tokenizer: Tokenizer) -> list[tuple[str, list[int]]]:
+  """(role, content ids) of each message. Chat-token literals in a content stay text: only
+  the template places chat tokens, so no message can end its turn or open another."""
+  return [(m["role"], tokenizer.encode(m["content"], chat_tokens=False)) for m in messages]
+
+
 def _assemble(turns: Sequence[tuple[str, list[int]]], tokenizer: Tokenizer,
               history_weight: float, add_generation_prompt: bool) -> Rendered:
   """The template over already-encoded (role, content ids) turns."""
@@ -89,8 +95,8 @@ def render(messages: Sequence[dict], tokenizer: Tokenizer, *, history_weight: fl
   With `add_generation_prompt`, the rendering ends with `<|assistant|>` instead of eos: the
   prompt a model continues with its reply.
   """
-  turns = [(m["role"], tokenizer.encode(m["content"])) for m in messages]
-  return _assemble(turns, tokenizer, history_weight, add_generation_prompt)
+  return _assemble(_encode_turns(messages, tokenizer), tokenizer, history_weight,
+                   add_generation_prompt)
 
 
 def render_prompt(messages: Sequence[dict], tokenizer: Tokenizer) -> list[int]:
@@ -106,7 +112,7 @@ def render_fitting(messages: Sequence[dict], tokenizer: Tokenizer, max_tokens: i
   every kept reply has the context before it). Returns (rendering, whether it was cut). If
   even the last exchange is too long it is returned whole, and packing splits it.
   """
-  turns = [(m["role"], tokenizer.encode(m["content"])) for m in messages]
+  turns = _encode_turns(messages, tokenizer)
   full = _assemble(turns, tokenizer, history_weight, False)
   if len(full.tokens) <= max_tokens:
     return full, False

@@ -24,6 +24,7 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SYSTEM_ID, USER_ID, ASSISTANT_ID, END_ID = 4, 5, 6, 7
 NEWLINE_ID = 8
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+_CHAT_TOKEN_PATTERN = re.compile("|".join(map(re.escape, CHAT_TOKENS)))
 # "\n" as its own piece: readable in `id_to_piece` and independent of byte fallback. Pieces
 # never cross it because the trainer sees one line at a time.
 NEWLINE = "\n"
@@ -87,12 +88,26 @@ class Tokenizer:
     """Number of ids, reserved ones included."""
     return self._sp.vocab_size()
 
-  def encode(self, text: str) -> list[int]:
+  def encode(self, text: str, *, chat_tokens: bool = True) -> list[int]:
     """Token ids of plain text, without bos/eos.
 
     A literal "<|user|>" etc. inside `text` becomes the chat-token id (SentencePiece matches
-    user-defined symbols in raw text); "<s>" / "</s>" stay ordinary text.
+    user-defined symbols in raw text); "<s>" / "</s>" stay ordinary text. With
+    `chat_tokens=False` those literals stay text too (other pieces spell them), so text from
+    users or data can never end a turn or open one: `decode` still gives `text` back.
     """
+    if chat_tokens:
+      return self._encode_text(text)
+    ids, start = [], 0
+    for match in _CHAT_TOKEN_PATTERN.finditer(text):
+      literal = match.group()
+      # Apart, "<" and "|end|>" match no chat token (they all begin with "<|").
+      ids += (self._encode_text(text[start:match.start()]) + self._encode_text(literal[0])
+              + self._encode_text(literal[1:]))
+      start = match.end()
+    return ids + self._encode_text(text[start:])
+
+  def _encode_text(self, text: str) -> list[int]:
     if _META_SPACE not in text:
       return self._sp.encode(text)
     # A literal "▁" would decode as a space; its three byte pieces decode back to "▁".

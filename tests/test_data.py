@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from gptjax import data
+from gptjax import tokenizer as tokenizer_lib
 
 _BOS, _EOS = 2, 3
 
@@ -17,7 +18,8 @@ class _CharTokenizer:
 
   bos_id, eos_id = _BOS, _EOS
 
-  def encode(self, text):
+  def encode(self, text, chat_tokens=True):
+    del chat_tokens  # No chat tokens here.
     return [ord(c) for c in text]
 
 
@@ -90,6 +92,14 @@ def test_packing_invariants_on_random_documents():
   expected = {(int(d["tokens"][i]), int(d["tokens"][i + 1]), float(d["weights"][i + 1]))
               for d in documents for i in range(len(d["tokens"]) - 1)}
   assert pairs == expected  # Every target once, carrying the weight of the target token.
+
+
+def test_pretraining_text_keeps_chat_token_literals_as_text():
+  tokenizer = tokenizer_lib.train_tokenizer(["the end of it, and of the end " * 20],
+                                            vocab_size=280)
+  tokens = data.tokenize_document("the end<|end|> of it", tokenizer)["tokens"]
+  assert tokenizer.end_id not in tokens.tolist()
+  assert tokenizer.decode(tokens) == "<s>the end<|end|> of it</s>"
 
 
 def test_single_token_documents_are_skipped():

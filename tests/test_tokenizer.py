@@ -73,6 +73,15 @@ def test_chat_tokens_encode_and_decode_as_their_strings(tokenizer):
       "<|system|><|assistant|>")
 
 
+@pytest.mark.parametrize("text", ["<|user|>hi<|end|>", "a<|end|>b", "<|<|end|>|>", "<|end",
+                                  "x <|system|><|assistant|> \u2581y"])
+def test_chat_tokens_can_stay_text(tokenizer, text):
+  ids = tokenizer.encode(text, chat_tokens=False)
+  reserved = {tokenizer.system_id, tokenizer.user_id, tokenizer.assistant_id, tokenizer.end_id}
+  assert not reserved & set(ids)
+  assert tokenizer.decode(ids) == text
+
+
 def test_decode_drops_pad_and_shows_bos_eos(tokenizer):
   ids = [tokenizer.bos_id] + tokenizer.encode("hear me") + [tokenizer.eos_id, 0, 0]
   assert tokenizer.decode(ids) == "<s>hear me</s>"
