@@ -14,7 +14,8 @@
           utilisation (MFU): FLOPs per token times tokens/s, against the matmul rate measured
           in the same run (same dtype, same devices) and against the datasheet peak of known
           accelerators. On the CPU, with PyTorch installed, it also times the same step in
-          PyTorch eager (benchmarks/torch_gpt.py) and reports the ratio.
+          PyTorch eager (benchmarks/torch_gpt.py), before and after its own steps, and reports
+          the ratio to their mean.
 
 Decode timings are the best of `repeats` runs after a warm-up call that compiles: on a shared
 machine the best run is the one least disturbed by other work. `recompiles` counts the XLA
@@ -112,16 +113,27 @@ def matmul_gflops(n: int = 1024, repeats: int = 10, dtype=jnp.float32, devices=N
   return 2 * len(devices) * n**3 / seconds / 1e9
 
 
-def read_gbps(nbytes: int, repeats: int = 10) -> float:
-  """Measured rate of reading `nbytes` (a float32 sum over them), in GB/s.
+def memory_gbps(nbytes: int, repeats: int = 10) -> float:
+  """Measured memory bandwidth over a working set of `nbytes`, in GB/s.
 
-  Sized like the decode step's working set, so it is the bandwidth of whichever level of the
-  memory hierarchy that set lives in (on a CPU, L3 cache for small models).
+  The better of two streams over it: a float32 sum (reads it) and a scaling (reads and
+  writes it). Which one runs at the memory's speed depends on the backend and its flags: with
+  XLA:CPU's own kernels (`host.xla_cpu_flags`) the sum is compute-bound at a third of the
+  bandwidth the scaling reaches. Sized like the decode step's working set, so it is the
+  bandwidth of whichever level of the memory hierarchy that set lives in (on a CPU, L3 cache
+  for small models).
   """
   x = jnp.ones((max(nbytes // 4, 1024),), jnp.float32)
-  total = jax.jit(jnp.sum)
-  total(x).block_until_ready()
-  return x.nbytes / _best_seconds(lambda: total(x).block_until_ready(), repeats) / 1e9
+  read = x.nbytes / _compiled_best_seconds(jnp.sum, x, repeats)
+  read_write = 2 * x.nbytes / _compiled_best_seconds(lambda v: v * 2, x, repeats)
+  return max(read, read_write) / 1e9
+
+
+def _compiled_best_seconds(fn, x, repeats: int) -> float:
+  """The fastest of `repeats` calls of jit(fn)(x), after one that compiles it."""
+  program = jax.jit(fn)
+  program(x).block_until_ready()
+  return _best_seconds(lambda: program(x).block_until_ready(), repeats)
 
 
 def decode_flops_per_token(cfg: model_lib.ModelConfig, context: float) -> float:
@@ -183,7 +195,7 @@ def decode(generator: generate_lib.Generator, *, batch_sizes=(1, 8), prompt_len:
     cache_bytes = 2 * cfg.num_layers * batch * capacity * cfg.d_model * jnp.dtype(
         cfg.compute_dtype).itemsize
     step_bytes = _params_bytes(generator.params) + cache_bytes
-    bandwidth = read_gbps(step_bytes)
+    bandwidth = memory_gbps(step_bytes)
     memory_bound = batch * bandwidth * 1e9 / step_bytes
     bound = min(flop_bound, memory_bound)
     results.append({
@@ -193,7 +205,7 @@ def decode(generator: generate_lib.Generator, *, batch_sizes=(1, 8), prompt_len:
         "decode_ms_per_step": round(1000 * decode_s / steps, 3),
         "flops_per_token": int(flops),
         "flop_bound_tokens_per_sec": round(flop_bound, 1),
-        "bytes_per_step": int(step_bytes), "read_gbps": round(bandwidth, 1),
+        "bytes_per_step": int(step_bytes), "memory_gbps": round(bandwidth, 1),
         "memory_bound_tokens_per_sec": round(memory_bound, 1),
         "ratio": round(bound / decode_tps, 2),
         "recompiles": recompiles[0],
@@ -354,8 +366,8 @@ def train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 2
   applies (CPU, GPT-2 style, float32); "on" insists on it; "off" skips it.
   """
   load_start = os.getloadavg()[0]
-  # The PyTorch step first, before this process runs anything on XLA: the two never share
-  # the cores.
+  # The PyTorch step first, before this process runs anything on XLA, so the two never share
+  # the cores; and again after, so a drift of the machine's speed during the run shows.
   reference = None if torch == "off" else _torch_or_skip(config, steps, required=torch == "on")
   mesh = sharding.make_mesh(config.mesh)
   train_lib.validate(config, mesh)
@@ -427,6 +439,14 @@ def train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 2
       "first_loss": round(first_loss, 4), "recompiles": recompiles[0],
       **host.describe(),
   }
+  if reference is not None and "tokens_per_sec" in reference:
+    after = _torch_or_skip(config, steps, required=torch == "on")
+    runs = [reference["tokens_per_sec"]]
+    if "tokens_per_sec" in after:
+      runs.append(after["tokens_per_sec"])
+    mean = statistics.mean(runs)
+    reference.update(tokens_per_sec_runs=runs, tokens_per_sec=round(mean, 1),
+                     step_ms=round(1000 * tokens / mean, 2))
   if reference is not None:
     result["torch"] = reference
     if "tokens_per_sec" in reference:

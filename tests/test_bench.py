@@ -67,6 +67,23 @@ def test_train_benchmark_reports_throughput_and_mfu():
   json.dumps(report)  # One printable JSON object.
 
 
+def test_torch_is_timed_before_and_after_and_the_ratio_uses_their_mean(monkeypatch):
+  runs = iter([{"framework": "torch", "tokens_per_sec": 100.0},
+               {"framework": "torch", "tokens_per_sec": 300.0}])
+  monkeypatch.setattr(bench, "_torch_or_skip", lambda *args, **kwargs: next(runs))
+  report = bench.train(tiny_config(), steps=2, warmup=1, torch="on")
+  assert report["torch"]["tokens_per_sec_runs"] == [100.0, 300.0]
+  assert report["torch"]["tokens_per_sec"] == 200.0
+  assert report["ratio_to_torch"] == pytest.approx(report["tokens_per_sec"] / 200, abs=1e-3)
+
+
+def test_memory_bandwidth_is_the_faster_of_reading_and_copying(monkeypatch):
+  # Seconds per pass: the sum (reads n bytes) takes 1 s, the scaling (reads and writes) 0.5 s.
+  monkeypatch.setattr(bench, "_compiled_best_seconds",
+                      lambda fn, x, repeats: 1.0 if fn is jnp.sum else 0.5)
+  assert bench.memory_gbps(4096) == pytest.approx(4 * 4096 / 1e9)
+
+
 def test_torch_reference_only_times_the_model_it_implements():
   config = tiny_config()
   config.model.positions = "rope"
