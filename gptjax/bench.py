@@ -445,8 +445,11 @@ def train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 2
     if "tokens_per_sec" in after:
       runs.append(after["tokens_per_sec"])
     mean = statistics.mean(runs)
+    # Its MFU on the same FLOP count and matmul rate: ratio_to_torch is the MFUs' ratio.
     reference.update(tokens_per_sec_runs=runs, tokens_per_sec=round(mean, 1),
-                     step_ms=round(1000 * tokens / mean, 2))
+                     step_ms=round(1000 * tokens / mean, 2),
+                     mfu_vs_matmul_causal=round(
+                         flops["flops_per_token_causal"] * mean / 1e9 / rate, 4))
   if reference is not None:
     result["torch"] = reference
     if "tokens_per_sec" in reference:

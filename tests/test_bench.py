@@ -68,13 +68,15 @@ def test_train_benchmark_reports_throughput_and_mfu():
 
 
 def test_torch_is_timed_before_and_after_and_the_ratio_uses_their_mean(monkeypatch):
-  runs = iter([{"framework": "torch", "tokens_per_sec": 100.0},
-               {"framework": "torch", "tokens_per_sec": 300.0}])
+  runs = iter([{"framework": "torch", "tokens_per_sec": 1e6},
+               {"framework": "torch", "tokens_per_sec": 3e6}])
   monkeypatch.setattr(bench, "_torch_or_skip", lambda *args, **kwargs: next(runs))
   report = bench.train(tiny_config(), steps=2, warmup=1, torch="on")
-  assert report["torch"]["tokens_per_sec_runs"] == [100.0, 300.0]
-  assert report["torch"]["tokens_per_sec"] == 200.0
-  assert report["ratio_to_torch"] == pytest.approx(report["tokens_per_sec"] / 200, abs=1e-3)
+  reference = report["torch"]
+  assert reference["tokens_per_sec_runs"] == [1e6, 3e6] and reference["tokens_per_sec"] == 2e6
+  assert report["ratio_to_torch"] == pytest.approx(report["tokens_per_sec"] / 2e6, abs=1e-3)
+  assert reference["mfu_vs_matmul_causal"] == pytest.approx(
+      report["flops_per_token_causal"] * 2e6 / 1e9 / report["matmul_gflops"], rel=1e-3)
 
 
 def test_memory_bandwidth_is_the_faster_of_reading_and_copying(monkeypatch):
