@@ -219,12 +219,19 @@ def decode(generator: generate_lib.Generator, *, batch_sizes=(1, 8), prompt_len:
   }
 
 
+def programs_for(config: ml_collections.ConfigDict) -> train_lib.Programs:
+  """`config`'s programs on a mesh of this machine's devices, once the config is checked."""
+  mesh = sharding.make_mesh(config.mesh)
+  train_lib.validate(config, mesh)
+  return train_lib.compile_programs(config, mesh)
+
+
 def generator_from_config(config: ml_collections.ConfigDict) -> generate_lib.Generator:
   """A Generator with freshly initialised parameters: speed does not depend on training."""
-  mesh = sharding.make_mesh(config.mesh)
-  programs = train_lib.compile_programs(config, mesh)
+  programs = programs_for(config)
   params = programs.init(jax.random.key(config.train.seed)).params
-  return generate_lib.Generator(programs.model, params, mesh, programs.rules, stop_ids=())
+  return generate_lib.Generator(programs.model, params, programs.mesh, programs.rules,
+                                stop_ids=())
 
 
 def run_decode(*, workdir: str | None = None, config: ml_collections.ConfigDict | None = None,
@@ -253,9 +260,7 @@ def run_memory(*, workdir: str | None = None, config: ml_collections.ConfigDict 
   del step
   if config is None:
     config = workdir_lib.read_config(workdir)
-  mesh = sharding.make_mesh(config.mesh)
-  train_lib.validate(config, mesh)
-  programs = train_lib.compile_programs(config, mesh)
+  programs = programs_for(config)
   state = programs.abstract_state()
   keys = dict(data_lib.ROW_DTYPES)
   if config.data.kind == "dialogue":
@@ -272,7 +277,8 @@ def run_memory(*, workdir: str | None = None, config: ml_collections.ConfigDict 
   device = jax.devices()[0]
   limit = (device.memory_stats() or {}).get("bytes_limit")  # None on the CPU.
   return {
-      "device": device.device_kind, "devices": jax.device_count(), "mesh": dict(mesh.shape),
+      "device": device.device_kind, "devices": jax.device_count(),
+      "mesh": dict(programs.mesh.shape),
       "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)),
       "param_bytes_per_device": _bytes_per_device(state.params),
       "optimizer_bytes_per_device": _bytes_per_device(state.opt_state),
@@ -369,10 +375,8 @@ def train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 2
   # The PyTorch step first, before this process runs anything on XLA, so the two never share
   # the cores; and again after, so a drift of the machine's speed during the run shows.
   reference = None if torch == "off" else _torch_or_skip(config, steps, required=torch == "on")
-  mesh = sharding.make_mesh(config.mesh)
-  train_lib.validate(config, mesh)
   cfg = train_lib.model_config(config)
-  programs = train_lib.compile_programs(config, mesh)
+  programs = programs_for(config)
   state = programs.init(jax.random.key(config.train.seed))
   t = config.train
   batch = train_lib.global_batch(
@@ -407,7 +411,7 @@ def train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 2
   tokens = t.batch_size * config.data.seq_len
   tokens_per_sec = tokens / step_s
   flops = train_flops_per_token(cfg, state.params, config.data.seq_len)
-  devices = mesh.devices.flatten()
+  devices = programs.mesh.devices.flatten()
   platform = devices[0].platform
   # Accelerators need large matmuls to reach their peak; 1024 is enough for a CPU. Each
   # process measures its own devices (hosts are assumed alike).
