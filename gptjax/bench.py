@@ -113,7 +113,7 @@ def matmul_gflops(n: int = 1024, repeats: int = 10, dtype=jnp.float32, devices=N
   return 2 * len(devices) * n**3 / seconds / 1e9
 
 
-def memory_gbps(nbytes: int, repeats: int = 10) -> float:
+def memory_gbps(nbytes: int, repeats: int = 50) -> float:
   """Measured memory bandwidth over a working set of `nbytes`, in GB/s.
 
   The better of two streams over it: a float32 sum (reads it) and a scaling (reads and
