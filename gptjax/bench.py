@@ -107,9 +107,8 @@ def matmul_gflops(n: int = 1024, repeats: int = 10, dtype=jnp.float32, devices=N
   x = jax.device_put(jax.random.normal(jax.random.key(0), (len(devices) * n, n), dtype), blocks)
   w = jax.device_put(jax.random.normal(jax.random.key(1), (n, n), dtype),
                      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  matmul = jax.jit(lambda a, b: a @ b, out_shardings=blocks)
-  matmul(x, w).block_until_ready()
-  seconds = _best_seconds(lambda: matmul(x, w).block_until_ready(), repeats)
+  seconds = _compiled_best_seconds(lambda a, b: a @ b, x, w, repeats=repeats,
+                                   out_shardings=blocks)
   return 2 * len(devices) * n**3 / seconds / 1e9
 
 
@@ -124,16 +123,17 @@ def memory_gbps(nbytes: int, repeats: int = 50) -> float:
   for small models).
   """
   x = jnp.ones((max(nbytes // 4, 1024),), jnp.float32)
-  read = x.nbytes / _compiled_best_seconds(jnp.sum, x, repeats)
-  read_write = 2 * x.nbytes / _compiled_best_seconds(lambda v: v * 2, x, repeats)
+  read = x.nbytes / _compiled_best_seconds(jnp.sum, x, repeats=repeats)
+  read_write = 2 * x.nbytes / _compiled_best_seconds(lambda v: v * 2, x, repeats=repeats)
   return max(read, read_write) / 1e9
 
 
-def _compiled_best_seconds(fn, x, repeats: int) -> float:
-  """The fastest of `repeats` calls of jit(fn)(x), after one that compiles it."""
-  program = jax.jit(fn)
-  program(x).block_until_ready()
-  return _best_seconds(lambda: program(x).block_until_ready(), repeats)
+def _compiled_best_seconds(fn, *args, repeats: int, **jit_kwargs) -> float:
+  """The fastest of `repeats` calls of jax.jit(fn, **jit_kwargs)(*args), after one that
+  compiles it."""
+  program = jax.jit(fn, **jit_kwargs)
+  program(*args).block_until_ready()
+  return _best_seconds(lambda: program(*args).block_until_ready(), repeats)
 
 
 def decode_flops_per_token(cfg: model_lib.ModelConfig, context: float) -> float:

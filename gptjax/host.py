@@ -99,4 +99,4 @@ def started_with(name: str) -> str:
 def describe() -> dict:
   """The settings in force, for benchmark reports."""
   return {"xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "hugepages": "glibc.malloc.hugetlb=1" in started_with("GLIBC_TUNABLES")}
+          "hugepages": HUGEPAGES_TUNABLE in started_with("GLIBC_TUNABLES")}

@@ -82,7 +82,7 @@ def test_torch_is_timed_before_and_after_and_the_ratio_uses_their_mean(monkeypat
 def test_memory_bandwidth_is_the_faster_of_reading_and_copying(monkeypatch):
   # Seconds per pass: the sum (reads n bytes) takes 1 s, the scaling (reads and writes) 0.5 s.
   monkeypatch.setattr(bench, "_compiled_best_seconds",
-                      lambda fn, x, repeats: 1.0 if fn is jnp.sum else 0.5)
+                      lambda fn, *args, repeats: 1.0 if fn is jnp.sum else 0.5)
   assert bench.memory_gbps(4096) == pytest.approx(4 * 4096 / 1e9)
 
 
