@@ -13,9 +13,11 @@
           synchronised with the device), the compile time of the first step, and model FLOPs
           utilisation (MFU): FLOPs per token times tokens/s, against the matmul rate measured
           in the same run (same dtype, same devices) and against the datasheet peak of known
-          accelerators. On the CPU, with PyTorch installed, it also times the same step in
-          PyTorch eager (benchmarks/torch_gpt.py), before and after its own steps, and reports
-          the ratio to their mean.
+          accelerators; and the floor under the step time: its weight matmuls (forward,
+          input and weight gradients) timed alone, at the step's shapes. On the CPU, with
+          PyTorch installed, it also times the same step in PyTorch eager
+          (benchmarks/torch_gpt.py), before and after its own steps, and reports the ratio to
+          their mean, and the ratio the floor allows.
 
 Decode timings are the best of `repeats` runs after a warm-up call that compiles: on a shared
 machine the best run is the one least disturbed by other work. `recompiles` counts the XLA
@@ -42,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from gptjax import data as data_lib
 from gptjax import generate as generate_lib
@@ -103,10 +106,10 @@ def matmul_gflops(n: int = 1024, repeats: int = 10, dtype=jnp.float32, devices=N
   """
   devices = list(devices or jax.devices()[:1])
   mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
-  blocks = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+  blocks = jax.sharding.NamedSharding(mesh, P("d"))
   x = jax.device_put(jax.random.normal(jax.random.key(0), (len(devices) * n, n), dtype), blocks)
   w = jax.device_put(jax.random.normal(jax.random.key(1), (n, n), dtype),
-                     jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+                     jax.sharding.NamedSharding(mesh, P()))
   seconds = _compiled_best_seconds(lambda a, b: a @ b, x, w, repeats=repeats,
                                    out_shardings=blocks)
   return 2 * len(devices) * n**3 / seconds / 1e9
@@ -132,16 +135,62 @@ def _compiled_best_seconds(fn, *args, repeats: int, **jit_kwargs) -> float:
   """The fastest of `repeats` calls of jax.jit(fn, **jit_kwargs)(*args), after one that
   compiles it."""
   program = jax.jit(fn, **jit_kwargs)
-  program(*args).block_until_ready()
-  return _best_seconds(lambda: program(*args).block_until_ready(), repeats)
+  jax.block_until_ready(program(*args))
+  return _best_seconds(lambda: jax.block_until_ready(program(*args)), repeats)
+
+
+def weight_matmul_shapes(cfg: model_lib.ModelConfig) -> list[tuple[int, int]]:
+  """(inputs, outputs) of each matmul with a weight in the forward pass: every layer's fused
+  qkv, attention output and MLP projections, then the output head."""
+  D, F = cfg.d_model, cfg.d_ff
+  mlp = [(D, F), (D, F), (F, D)] if cfg.mlp == "swiglu" else [(D, F), (F, D)]
+  return [(D, 3 * D), (D, D), *mlp] * cfg.num_layers + [(D, cfg.vocab_size)]
+
+
+def weight_matmul_seconds(cfg: model_lib.ModelConfig, rows: int, devices, repeats: int = 3,
+                          ) -> float:
+  """Seconds that a train step's weight matmuls take alone: the floor under its step time.
+
+  Each weight [in, out] of `weight_matmul_shapes` makes three GEMMs over the step's `rows`
+  tokens: the forward [R, in] @ [in, out], the input gradient [R, out] @ [in, out]^T and the
+  weight gradient [R, in]^T @ [R, out], at the compute dtype, in one program. The rows are
+  split over `devices`, each multiplying its own share (data parallelism, no collectives).
+  """
+  devices = list(devices)
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
+  per_device = max(rows // len(devices), 1)
+  shapes = weight_matmul_shapes(cfg)
+  keys = jax.random.split(jax.random.key(0), 3)
+
+  def init(key, i, shape):
+    return jax.random.normal(jax.random.fold_in(key, i), shape, cfg.compute_dtype)
+
+  # Inputs [R, in] are shared by the weights of one width; each weight gets its own output
+  # gradient [R, out], so that no two GEMMs are alike (XLA would compute those once).
+  total = len(devices) * per_device
+  inputs = {n: init(keys[0], n, (total, n)) for n in {n_in for n_in, _ in shapes}}
+  grads = [init(keys[1], i, (total, n_out)) for i, (_, n_out) in enumerate(shapes)]
+  weights = [init(keys[2], i, shape) for i, shape in enumerate(shapes)]
+
+  def gemms(inputs, grads, weights):
+    out = []
+    for dy_RO, w_IO in zip(grads, weights):
+      x_RI = inputs[w_IO.shape[0]]
+      out += [x_RI @ w_IO, dy_RO @ w_IO.T, x_RI.T @ dy_RO]
+    return out
+
+  rows_sharding = jax.sharding.NamedSharding(mesh, P("d"))
+  program = jax.shard_map(gemms, mesh=mesh, in_specs=(P("d"), P("d"), P()), out_specs=P("d"))
+  inputs, grads = jax.device_put((inputs, grads), rows_sharding)
+  weights = jax.device_put(weights, jax.sharding.NamedSharding(mesh, P()))
+  return _compiled_best_seconds(program, inputs, grads, weights, repeats=repeats)
 
 
 def decode_flops_per_token(cfg: model_lib.ModelConfig, context: float) -> float:
   """Forward FLOPs to decode one token: 2 per matmul weight, plus attention over `context`."""
-  D, F = cfg.d_model, cfg.d_ff
-  weights = 4 * D * D + (3 if cfg.mlp == "swiglu" else 2) * D * F  # qkv, out, MLP.
-  attention = 2 * 2 * D * context  # q.k and p.v.
-  return cfg.num_layers * (2 * weights + attention) + 2 * D * cfg.vocab_size
+  weights = sum(n_in * n_out for n_in, n_out in weight_matmul_shapes(cfg))
+  attention = 2 * 2 * cfg.d_model * context  # q.k and p.v.
+  return 2 * weights + cfg.num_layers * attention
 
 
 def _params_bytes(params) -> int:
@@ -420,6 +469,7 @@ def train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 2
                                              dtype=cfg.compute_dtype, devices=local)
   peak = peak_gflops(devices[0].device_kind, cfg.compute_dtype)
   peak = None if peak is None else peak * len(devices)
+  matmuls_s = weight_matmul_seconds(cfg, tokens // jax.process_count(), local)
   achieved = {k: flops[f"flops_per_token{k}"] * tokens_per_sec / 1e9 for k in ("", "_causal")}
   result = {
       "benchmark": "train", "device": str(devices[0].device_kind), "devices": len(devices),
@@ -437,6 +487,8 @@ def train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 2
       "matmul_gflops": round(rate, 1),
       "mfu_vs_matmul": round(achieved[""] / rate, 4),
       "mfu_vs_matmul_causal": round(achieved["_causal"] / rate, 4),
+      "weight_matmul_ms": round(1000 * matmuls_s, 2),
+      "weight_matmul_share": round(matmuls_s / step_s, 4),
       "peak_gflops": peak,
       "mfu_vs_peak": None if peak is None else round(achieved[""] / peak, 4),
       "mfu_vs_peak_causal": None if peak is None else round(achieved["_causal"] / peak, 4),
@@ -458,6 +510,8 @@ def train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 2
     result["torch"] = reference
     if "tokens_per_sec" in reference:
       result["ratio_to_torch"] = round(tokens_per_sec / reference["tokens_per_sec"], 3)
+      # The ratio if everything but the weight matmuls took no time.
+      result["ratio_to_torch_ceiling"] = round(reference["step_ms"] / 1000 / matmuls_s, 3)
   result["load_average"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
   return result
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import pytest
 from conftest import TINY_EXPERIMENT, tiny_config
@@ -32,6 +33,42 @@ def test_flops_per_token_follow_palm():
   assert flops["params_counted"] == n
   assert flops["flops_per_token"] == 6 * n + 12 * 2 * 4 * 8 * 16  # 12 L H Q T.
   assert flops["flops_per_token_causal"] == 6 * n + 6 * 2 * 4 * 8 * 16
+
+
+@pytest.mark.parametrize("mlp, tie", [("gelu", True), ("swiglu", False)])
+def test_weight_matmuls_are_the_models_matmul_weights(mlp, tie):
+  cfg = model_lib.ModelConfig(vocab_size=100, num_layers=2, num_heads=4, d_model=32, d_ff=64,
+                              max_len=16, mlp=mlp, tie_embeddings=tie)
+  # Every 2-D (or more) parameter but the looked-up tables: the tied embedding is the head.
+  looked_up = ("pos_embedding",) if tie else ("pos_embedding", "embedding")
+  params = nn.meta.unbox(_params(cfg))
+  weights = [x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
+             if x.ndim > 1 and path[-1].key not in looked_up]
+  shapes = bench.weight_matmul_shapes(cfg)
+  assert sorted(n_in * n_out for n_in, n_out in shapes) == sorted(weights)
+  assert all(32 in shape for shape in shapes)  # Each maps to or from d_model.
+
+
+def test_decode_flops_count_each_weight_twice_and_attention_over_the_context():
+  cfg = model_lib.ModelConfig(vocab_size=100, num_layers=2, num_heads=4, d_model=32, d_ff=64,
+                              max_len=16)
+  per_layer = 32 * 96 + 32 * 32 + 2 * 32 * 64  # qkv, out, MLP.
+  assert bench.decode_flops_per_token(cfg, context=10) == (
+      2 * (2 * per_layer + 32 * 100) + 2 * 2 * 2 * 32 * 10)
+
+
+def test_weight_matmul_floor_runs_three_separate_gemms_per_weight(monkeypatch):
+  cfg = model_lib.ModelConfig(vocab_size=100, num_layers=2, num_heads=4, d_model=32, d_ff=64,
+                              max_len=16)
+  assert bench.weight_matmul_seconds(cfg, rows=64, devices=jax.devices()[:2], repeats=1) > 0
+  programs = []
+  monkeypatch.setattr(bench, "_compiled_best_seconds",
+                      lambda fn, *args, repeats: programs.append((fn, args)) or 1.0)
+  bench.weight_matmul_seconds(cfg, rows=64, devices=jax.devices()[:1])
+  fn, args = programs[0]
+  hlo = jax.jit(fn).lower(*args).compile().as_text()
+  # The layers' weight gradients have the same shapes: XLA must not merge them into one.
+  assert hlo.count(" dot(") == 3 * len(bench.weight_matmul_shapes(cfg))
 
 
 @pytest.mark.parametrize("kind, dtype, peak", [
@@ -62,6 +99,8 @@ def test_train_benchmark_reports_throughput_and_mfu():
   assert report["achieved_gflops"] == pytest.approx(
       report["flops_per_token"] * report["tokens_per_sec"] / 1e9, abs=0.06)  # Rounded.
   assert report["mfu_vs_matmul"] > 0 and report["mfu_vs_peak"] is None  # No CPU datasheet.
+  assert report["weight_matmul_ms"] > 0 and report["weight_matmul_share"] == pytest.approx(
+      report["weight_matmul_ms"] / report["step_ms"], abs=1e-3)
   assert report["recompiles"] == 0 and report["attention"] == "chunked"
   assert "torch" not in report
   json.dumps(report)  # One printable JSON object.
@@ -77,6 +116,8 @@ def test_torch_is_timed_before_and_after_and_the_ratio_uses_their_mean(monkeypat
   assert report["ratio_to_torch"] == pytest.approx(report["tokens_per_sec"] / 2e6, abs=1e-3)
   assert reference["mfu_vs_matmul_causal"] == pytest.approx(
       report["flops_per_token_causal"] * 2e6 / 1e9 / report["matmul_gflops"], rel=1e-3)
+  assert report["ratio_to_torch_ceiling"] == pytest.approx(
+      reference["step_ms"] / report["weight_matmul_ms"], abs=1e-3)  # Both rounded.
 
 
 def test_memory_bandwidth_is_the_faster_of_reading_and_copying(monkeypatch):
