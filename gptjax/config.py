@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Weight of every non-assistant token (system, user, template) against reply tokens (1):
   # 1.0 is dialogue regression (the whole dialogue is the target); 0.0 trains on replies only.
   dl.history_weight = 1.0
+  # A conversation longer than data.seq_len: "recent" keeps its most recent turns that fit;
+  # "windows" splits it into several renderings, each ending at a reply, so every reply trains.
+  dl.long_conversations = "recent"
 
   c.train = tr = ml_collections.ConfigDict()
   tr.steps = 1_000  # Optimizer steps.

@@ -16,6 +16,7 @@ from gptjax import dialogue
 from gptjax.tokenizer import Tokenizer
 
 KINDS = ("text", "dialogue")
+LONG_CONVERSATIONS = ("recent", "windows")  # dialogue.long_conversations: see config.py.
 
 
 def _entries(d: ml_collections.ConfigDict, which: str) -> list[tuple[str, str]]:
@@ -83,16 +84,29 @@ def _documents(config, tokenizer: Tokenizer, which: str):
     return (text_documents(d, which), functools.partial(data_lib.tokenize_document,
                                                         tokenizer=tokenizer), (), [])
   convs, reports = conversations(d, which)
+  long = config.dialogue.long_conversations
+  if long not in LONG_CONVERSATIONS:
+    raise ValueError(f"dialogue.long_conversations={long!r} is not one of "
+                     f"{LONG_CONVERSATIONS}; set --config.dialogue.long_conversations.")
   rendered, cut = [], 0
   for messages in convs:
-    r, was_cut = dialogue.render_fitting(messages, tokenizer, d.seq_len + 1,
-                                         history_weight=config.dialogue.history_weight)
-    rendered.append(dialogue.conversation_document(r))
+    if long == "windows":
+      windows = dialogue.render_windows(messages, tokenizer, d.seq_len + 1,
+                                        history_weight=config.dialogue.history_weight)
+      was_cut = len(windows) > 1
+    else:
+      window, was_cut = dialogue.render_fitting(messages, tokenizer, d.seq_len + 1,
+                                                history_weight=config.dialogue.history_weight)
+      windows = [window]
+    rendered += [dialogue.conversation_document(w) for w in windows]
     cut += was_cut
   notes = [r.summary() for r in reports]
   if cut:
+    fate = (f"were split into {len(rendered) - (len(convs) - cut)} windows"
+            if long == "windows" else "were cut to their most recent turns "
+            "(dialogue.long_conversations=\"windows\" would train on all their replies)")
     notes.append(f"{cut} of {len(convs)} {which} conversations were longer than seq_len="
-                 f"{d.seq_len} and were cut to their most recent turns.")
+                 f"{d.seq_len} and {fate}.")
   return rendered, (lambda doc: doc), ("assistant",), notes
 
 

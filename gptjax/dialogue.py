@@ -104,6 +104,27 @@ def render_prompt(messages: Sequence[dict], tokenizer: Tokenizer) -> list[int]:
   return render(messages, tokenizer, add_generation_prompt=True).tokens.tolist()
 
 
+def _split_system(turns):
+  """(leading system turn or [], the other turns)."""
+  head = turns[:1] if turns and turns[0][0] == "system" else []
+  return head, turns[len(head):]
+
+
+def _fitting_start(head, body, max_tokens: int) -> int:
+  """Index of the first of `body`'s turns that a rendering of at most `max_tokens` keeps:
+  0 if all fit, else the earliest user turn (followed by a reply) from which the rest fit,
+  else the last such user turn (that exchange alone is too long; packing splits it)."""
+  # Template cost of a turn: role marker + content + <|end|>; plus bos and eos overall.
+  sizes = [len(content) + 2 for _, content in body]
+  budget = max_tokens - 2 - sum(len(c) + 2 for _, c in head)
+  if sum(sizes) <= budget:
+    return 0
+  starts = [i for i, (role, _) in enumerate(body) if role == "user"
+            and any(r == "assistant" for r, _ in body[i:])] or [0]
+  fitting = [i for i in starts if sum(sizes[i:]) <= budget]
+  return fitting[0] if fitting else starts[-1]
+
+
 def render_fitting(messages: Sequence[dict], tokenizer: Tokenizer, max_tokens: int, *,
                    history_weight: float = 1.0) -> tuple[Rendered, bool]:
   """Renders a conversation in at most `max_tokens`, dropping its oldest turns if needed.
@@ -112,20 +133,31 @@ def render_fitting(messages: Sequence[dict], tokenizer: Tokenizer, max_tokens: i
   every kept reply has the context before it). Returns (rendering, whether it was cut). If
   even the last exchange is too long it is returned whole, and packing splits it.
   """
-  turns = _encode_turns(messages, tokenizer)
-  full = _assemble(turns, tokenizer, history_weight, False)
-  if len(full.tokens) <= max_tokens:
-    return full, False
-  head = turns[:1] if turns[0][0] == "system" else []
-  body = turns[len(head):]
-  # Template cost of a turn: role marker + content + <|end|>; plus bos and eos overall.
-  sizes = [len(content) + 2 for _, content in body]
-  budget = max_tokens - 2 - sum(len(c) + 2 for _, c in head)
-  starts = [i for i, (role, _) in enumerate(body) if role == "user"
-            and any(r == "assistant" for r, _ in body[i:])] or [0]
-  fitting = [i for i in starts if sum(sizes[i:]) <= budget]
-  start = fitting[0] if fitting else starts[-1]
-  return _assemble(head + body[start:], tokenizer, history_weight, False), True
+  head, body = _split_system(_encode_turns(messages, tokenizer))
+  start = _fitting_start(head, body, max_tokens)
+  return _assemble(head + body[start:], tokenizer, history_weight, False), start > 0
+
+
+def render_windows(messages: Sequence[dict], tokenizer: Tokenizer, max_tokens: int, *,
+                   history_weight: float = 1.0) -> list[Rendered]:
+  """Renders a conversation as windows of at most `max_tokens` that train every reply once.
+
+  The last window is `render_fitting`'s rendering; each window before it is the same cut of
+  the turns it left out, so it ends at the reply before them. Every window keeps a leading
+  system message and starts at a user turn (or the conversation's start). An earlier window's
+  closing eos weighs 0: the conversation goes on there, so the model must not learn to end
+  it. A conversation that fits is one window, its whole rendering.
+  """
+  head, body = _split_system(_encode_turns(messages, tokenizer))
+  windows = []
+  while not windows or any(role == "assistant" for role, _ in body):
+    start = _fitting_start(head, body, max_tokens)
+    window = _assemble(head + body[start:], tokenizer, history_weight, False)
+    if windows:
+      window.weights[-1] = 0.0
+    windows.append(window)
+    body = body[:start]
+  return windows[::-1]
 
 
 def conversation_document(rendered: Rendered) -> dict[str, np.ndarray]:

@@ -1,11 +1,15 @@
 """The chat template, dialogue-regression weights, dialogue sources and their bad records."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 
+from conftest import tiny_dialogue_config
+
 from gptjax import data
+from gptjax import datasets
 from gptjax import dialogue
 from gptjax import tokenizer as tokenizer_lib
 
@@ -143,3 +147,65 @@ def test_dialogue_rows_carry_the_assistant_mask(tok):
   assert tok.decode(reply_targets) == "Which dates?<|end|>Booked.<|end|>"
   # history_weight 0: the loss sees exactly the reply tokens.
   np.testing.assert_array_equal(batch["weights"][0], assistant)
+
+
+def _long_chat():
+  """CHAT's system message, then six exchanges whose replies differ."""
+  turns = []
+  for letter in "abcdef":
+    turns += [{"role": "user", "content": "Find me a hotel in Paris."},
+              {"role": "assistant", "content": f"Which dates, {letter}?"},
+              {"role": "user", "content": "March 1st."},
+              {"role": "assistant", "content": f"Booked {letter}."}]
+  return CHAT[:1] + turns
+
+
+def _replies(rendered):
+  return rendered.tokens[rendered.assistant == 1].tolist()
+
+
+def test_long_conversations_split_into_windows_train_every_reply_once(tok):
+  long = _long_chat()
+  full = dialogue.render(long, tok, history_weight=0.5)
+  max_tokens = len(full.tokens) // 3
+  windows = dialogue.render_windows(long, tok, max_tokens, history_weight=0.5)
+  assert len(windows) >= 3
+  assert sum((_replies(w) for w in windows), []) == _replies(full)  # Each reply once, in order.
+  for w in windows:
+    assert len(w.tokens) <= max_tokens
+    text = tok.decode(w.tokens)
+    assert text.startswith("<s><|system|>Be brief.<|end|><|user|>")  # System kept, user first.
+    assert re.search(r"<\|assistant\|>[^<]*<\|end\|></s>$", text)  # Ends at a reply.
+  # The last window is the most recent turns; the conversation ends only there.
+  np.testing.assert_array_equal(windows[-1].tokens,
+                                dialogue.render_fitting(long, tok, max_tokens)[0].tokens)
+  assert [w.weights[-1] for w in windows] == [0.0] * (len(windows) - 1) + [0.5]
+  (whole,) = dialogue.render_windows(long, tok, len(full.tokens), history_weight=0.5)
+  np.testing.assert_array_equal(whole.tokens, full.tokens)
+  np.testing.assert_array_equal(whole.weights, full.weights)
+
+
+@pytest.mark.parametrize("mode", ["recent", "windows"])
+def test_dialogue_data_trains_all_replies_only_with_windows(tok, tmp_path, mode):
+  chats = _write_jsonl(tmp_path / "chats.jsonl",
+                       [json.dumps({"messages": _long_chat()}).encode()] * 3)
+  config = tiny_dialogue_config(chats, chats)
+  config.data.update(seq_len=64, eval_batches=0)
+  config.dialogue.long_conversations = mode
+  batches, notes = datasets.eval_batches(config, tok)
+  targets = sum(int(((b["assistant"] == 1) & (b["segment_ids"] > 0)).sum()) for b in batches)
+  replies = 3 * len(_replies(dialogue.render(_long_chat(), tok)))
+  if mode == "windows":
+    assert targets == replies
+    assert "3 of 3 eval conversations were longer than seq_len=64 and were split into" in notes[-1]
+  else:
+    assert 0 < targets < replies
+    assert "cut to their most recent turns" in notes[-1]
+
+
+def test_an_unknown_long_conversation_mode_is_an_error(tok, tmp_path):
+  chats = _write_jsonl(tmp_path / "chats.jsonl", [json.dumps({"messages": CHAT}).encode()])
+  config = tiny_dialogue_config(chats, chats)
+  config.dialogue.long_conversations = "drop"
+  with pytest.raises(ValueError, match="dialogue.long_conversations='drop' is not one of"):
+    datasets.eval_batches(config, tok)
