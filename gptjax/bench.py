@@ -148,17 +148,21 @@ def weight_matmul_shapes(cfg: model_lib.ModelConfig) -> list[tuple[int, int]]:
 
 
 def weight_matmul_seconds(cfg: model_lib.ModelConfig, rows: int, devices, repeats: int = 3,
-                          ) -> float:
+                          max_rows: int = 16384) -> float:
   """Seconds that a train step's weight matmuls take alone: the floor under its step time.
 
   Each weight [in, out] of `weight_matmul_shapes` makes three GEMMs over the step's `rows`
   tokens: the forward [R, in] @ [in, out], the input gradient [R, out] @ [in, out]^T and the
   weight gradient [R, in]^T @ [R, out], at the compute dtype, in one program. The rows are
   split over `devices`, each multiplying its own share (data parallelism, no collectives).
+  A device's share above `max_rows` is timed at `max_rows` and scaled (a GEMM that large
+  takes time in proportion to its rows), so the operands stay a few GB at GPT-2 small's
+  262K-token steps.
   """
   devices = list(devices)
   mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
-  per_device = max(rows // len(devices), 1)
+  share = max(rows // len(devices), 1)
+  per_device = min(share, max_rows)
   shapes = weight_matmul_shapes(cfg)
   keys = jax.random.split(jax.random.key(0), 3)
 
@@ -183,7 +187,8 @@ def weight_matmul_seconds(cfg: model_lib.ModelConfig, rows: int, devices, repeat
   program = jax.shard_map(gemms, mesh=mesh, in_specs=(P("d"), P("d"), P()), out_specs=P("d"))
   inputs, grads = jax.device_put((inputs, grads), rows_sharding)
   weights = jax.device_put(weights, jax.sharding.NamedSharding(mesh, P()))
-  return _compiled_best_seconds(program, inputs, grads, weights, repeats=repeats)
+  seconds = _compiled_best_seconds(program, inputs, grads, weights, repeats=repeats)
+  return seconds * share / per_device
 
 
 def decode_flops_per_token(cfg: model_lib.ModelConfig, context: float) -> float:

@@ -65,6 +65,9 @@ def test_weight_matmul_floor_runs_three_separate_gemms_per_weight(monkeypatch):
   monkeypatch.setattr(bench, "_compiled_best_seconds",
                       lambda fn, *args, repeats: programs.append((fn, args)) or 1.0)
   bench.weight_matmul_seconds(cfg, rows=64, devices=jax.devices()[:1])
+  # Above max_rows a device times max_rows of them and scales: 1 s for 32 rows is 2 s for 64.
+  assert bench.weight_matmul_seconds(cfg, rows=64, devices=jax.devices()[:1], max_rows=32) == 2
+  assert programs[1][1][0][32].shape == (32, 32)  # The [R, d_model] inputs, R capped.
   fn, args = programs[0]
   hlo = jax.jit(fn).lower(*args).compile().as_text()
   # The layers' weight gradients have the same shapes: XLA must not merge them into one.
