@@ -98,6 +98,12 @@ def _best_seconds(fn, repeats: int) -> float:
   return min(times)
 
 
+def _rows_and_replicated(devices):
+  """Shardings over `devices`: rows split between them, and a copy on each."""
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
+  return jax.sharding.NamedSharding(mesh, P("d")), jax.sharding.NamedSharding(mesh, P())
+
+
 def matmul_gflops(n: int = 1024, repeats: int = 10, dtype=jnp.float32, devices=None) -> float:
   """Measured [n, n] @ [n, n] rate in GFLOP/s, of the default device or summed over `devices`.
 
@@ -105,11 +111,9 @@ def matmul_gflops(n: int = 1024, repeats: int = 10, dtype=jnp.float32, devices=N
   does, so devices that share hardware (the CPU devices of one host) share the rate.
   """
   devices = list(devices or jax.devices()[:1])
-  mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
-  blocks = jax.sharding.NamedSharding(mesh, P("d"))
+  blocks, replicated = _rows_and_replicated(devices)
   x = jax.device_put(jax.random.normal(jax.random.key(0), (len(devices) * n, n), dtype), blocks)
-  w = jax.device_put(jax.random.normal(jax.random.key(1), (n, n), dtype),
-                     jax.sharding.NamedSharding(mesh, P()))
+  w = jax.device_put(jax.random.normal(jax.random.key(1), (n, n), dtype), replicated)
   seconds = _compiled_best_seconds(lambda a, b: a @ b, x, w, repeats=repeats,
                                    out_shardings=blocks)
   return 2 * len(devices) * n**3 / seconds / 1e9
@@ -160,7 +164,7 @@ def weight_matmul_seconds(cfg: model_lib.ModelConfig, rows: int, devices, repeat
   262K-token steps.
   """
   devices = list(devices)
-  mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
+  rows_sharding, replicated = _rows_and_replicated(devices)
   share = max(rows // len(devices), 1)
   per_device = min(share, max_rows)
   shapes = weight_matmul_shapes(cfg)
@@ -183,10 +187,10 @@ def weight_matmul_seconds(cfg: model_lib.ModelConfig, rows: int, devices, repeat
       out += [x_RI @ w_IO, dy_RO @ w_IO.T, x_RI.T @ dy_RO]
     return out
 
-  rows_sharding = jax.sharding.NamedSharding(mesh, P("d"))
-  program = jax.shard_map(gemms, mesh=mesh, in_specs=(P("d"), P("d"), P()), out_specs=P("d"))
+  program = jax.shard_map(gemms, mesh=rows_sharding.mesh, in_specs=(P("d"), P("d"), P()),
+                          out_specs=P("d"))
   inputs, grads = jax.device_put((inputs, grads), rows_sharding)
-  weights = jax.device_put(weights, jax.sharding.NamedSharding(mesh, P()))
+  weights = jax.device_put(weights, replicated)
   seconds = _compiled_best_seconds(program, inputs, grads, weights, repeats=repeats)
   return seconds * share / per_device
 
