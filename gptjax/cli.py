@@ -68,7 +68,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Random seed: the same seed gives the sa
 _BENCH_STEPS = flags.DEFINE_integer("steps", 20, "bench train: timed steps after the warm-up.")
 _TORCH = flags.DEFINE_enum(
     "torch", "auto", ["auto", "on", "off"], "bench train: also time the PyTorch reference step "
-    "(benchmarks/torch_gpt.py); auto: when torch is installed and the run is on the CPU.")
+    "(gptjax/bench/torch_gpt.py); auto: when torch is installed and the run is on the CPU.")
 
 
 class UsageError(ValueError):
@@ -242,9 +242,8 @@ def cmd_bench(kind: str | None = None):
     raise UsageError(f"`bench` needs one of: {', '.join(bench.BENCHMARKS)}; e.g. "
                      "`python -m gptjax bench decode --workdir DIR`.")
   config = _CONFIG.value if _WORKDIR.value is None else None
-  print(json.dumps(bench.BENCHMARKS[kind](workdir=_WORKDIR.value, config=config,
-                                          step=_STEP.value, steps=_BENCH_STEPS.value,
-                                          torch=_TORCH.value), indent=2))
+  print(json.dumps(bench.run(kind, workdir=_WORKDIR.value, config=config, step=_STEP.value,
+                             steps=_BENCH_STEPS.value, torch=_TORCH.value), indent=2))
 
 
 def _host_config():

@@ -164,6 +164,13 @@ def compile_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh)
   )
 
 
+def programs_for(config: ml_collections.ConfigDict) -> Programs:
+  """`config`'s programs on a mesh of this machine's devices, once the config is checked."""
+  mesh = sharding.make_mesh(config.mesh)
+  validate(config, mesh)
+  return compile_programs(config, mesh)
+
+
 def global_batch(batch: dict, batch_sharding) -> dict:
   """This process's rows -> one global jax.Array per key."""
   return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))

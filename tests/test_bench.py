@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import pytest
 from conftest import TINY_EXPERIMENT, tiny_config
 
-from gptjax import bench
+from gptjax.bench import flops as flops_lib
+from gptjax.bench import probes
+from gptjax.bench import train as bench_train
 from gptjax import model as model_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +28,7 @@ def _params(cfg):
 def test_flops_per_token_follow_palm():
   cfg = model_lib.ModelConfig(vocab_size=100, num_layers=2, num_heads=4, d_model=32, d_ff=64,
                               max_len=16)
-  flops = bench.train_flops_per_token(cfg, _params(cfg), seq_len=16)
+  flops = flops_lib.train_flops_per_token(cfg, _params(cfg), seq_len=16)
   # A layer: qkv 32x96, out 32x32, MLP 2x32x64, two norm scales; the tied embedding 100x32
   # and the final norm. Position embeddings (16x32) are added, not multiplied: not counted.
   n = 2 * (32 * 96 + 32 * 32 + 2 * 32 * 64 + 2 * 32) + 100 * 32 + 32
@@ -44,7 +46,7 @@ def test_weight_matmuls_are_the_models_matmul_weights(mlp, tie):
   params = nn.meta.unbox(_params(cfg))
   weights = [x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
              if x.ndim > 1 and path[-1].key not in looked_up]
-  shapes = bench.weight_matmul_shapes(cfg)
+  shapes = flops_lib.weight_matmul_shapes(cfg)
   assert sorted(n_in * n_out for n_in, n_out in shapes) == sorted(weights)
   assert all(32 in shape for shape in shapes)  # Each maps to or from d_model.
 
@@ -53,25 +55,25 @@ def test_decode_flops_count_each_weight_twice_and_attention_over_the_context():
   cfg = model_lib.ModelConfig(vocab_size=100, num_layers=2, num_heads=4, d_model=32, d_ff=64,
                               max_len=16)
   per_layer = 32 * 96 + 32 * 32 + 2 * 32 * 64  # qkv, out, MLP.
-  assert bench.decode_flops_per_token(cfg, context=10) == (
+  assert flops_lib.decode_flops_per_token(cfg, context=10) == (
       2 * (2 * per_layer + 32 * 100) + 2 * 2 * 2 * 32 * 10)
 
 
 def test_weight_matmul_floor_runs_three_separate_gemms_per_weight(monkeypatch):
   cfg = model_lib.ModelConfig(vocab_size=100, num_layers=2, num_heads=4, d_model=32, d_ff=64,
                               max_len=16)
-  assert bench.weight_matmul_seconds(cfg, rows=64, devices=jax.devices()[:2], repeats=1) > 0
+  assert probes.weight_matmul_seconds(cfg, rows=64, devices=jax.devices()[:2], repeats=1) > 0
   programs = []
-  monkeypatch.setattr(bench, "_compiled_best_seconds",
+  monkeypatch.setattr(probes, "compiled_best_seconds",
                       lambda fn, *args, repeats: programs.append((fn, args)) or 1.0)
-  bench.weight_matmul_seconds(cfg, rows=64, devices=jax.devices()[:1])
+  probes.weight_matmul_seconds(cfg, rows=64, devices=jax.devices()[:1])
   # Above max_rows a device times max_rows of them and scales: 1 s for 32 rows is 2 s for 64.
-  assert bench.weight_matmul_seconds(cfg, rows=64, devices=jax.devices()[:1], max_rows=32) == 2
+  assert probes.weight_matmul_seconds(cfg, rows=64, devices=jax.devices()[:1], max_rows=32) == 2
   assert programs[1][1][0][32].shape == (32, 32)  # The [R, d_model] inputs, R capped.
   fn, args = programs[0]
   hlo = jax.jit(fn).lower(*args).compile().as_text()
   # The layers' weight gradients have the same shapes: XLA must not merge them into one.
-  assert hlo.count(" dot(") == 3 * len(bench.weight_matmul_shapes(cfg))
+  assert hlo.count(" dot(") == 3 * len(flops_lib.weight_matmul_shapes(cfg))
 
 
 @pytest.mark.parametrize("kind, dtype, peak", [
@@ -85,16 +87,16 @@ def test_weight_matmul_floor_runs_three_separate_gemms_per_weight(monkeypatch):
     ("cpu", "float32", None),
 ])
 def test_datasheet_peaks(kind, dtype, peak):
-  assert bench.peak_gflops(kind, dtype) == peak
+  assert probes.peak_gflops(kind, dtype) == peak
 
 
 def test_matmul_rate_of_one_device_and_of_several():
-  assert bench.matmul_gflops(n=128, repeats=2) > 0
-  assert bench.matmul_gflops(n=128, repeats=2, dtype=jnp.bfloat16, devices=jax.devices()[:2]) > 0
+  assert probes.matmul_gflops(n=128, repeats=2) > 0
+  assert probes.matmul_gflops(n=128, repeats=2, dtype=jnp.bfloat16, devices=jax.devices()[:2]) > 0
 
 
 def test_train_benchmark_reports_throughput_and_mfu():
-  report = bench.train(tiny_config(), steps=2, warmup=1, torch="off")
+  report = bench_train.train(tiny_config(), steps=2, warmup=1, torch="off")
   assert report["benchmark"] == "train" and report["devices"] == 8
   assert report["tokens_per_step"] == 8 * 32 and report["steps"] == 2
   assert report["tokens_per_sec"] > 0 and report["loop_tokens_per_sec"] > 0
@@ -112,8 +114,8 @@ def test_train_benchmark_reports_throughput_and_mfu():
 def test_torch_is_timed_before_and_after_and_the_ratio_uses_their_mean(monkeypatch):
   runs = iter([{"framework": "torch", "tokens_per_sec": 1e6},
                {"framework": "torch", "tokens_per_sec": 3e6}])
-  monkeypatch.setattr(bench, "_torch_or_skip", lambda *args, **kwargs: next(runs))
-  report = bench.train(tiny_config(), steps=2, warmup=1, torch="on")
+  monkeypatch.setattr(bench_train, "_torch_or_skip", lambda *args, **kwargs: next(runs))
+  report = bench_train.train(tiny_config(), steps=2, warmup=1, torch="on")
   reference = report["torch"]
   assert reference["tokens_per_sec_runs"] == [1e6, 3e6] and reference["tokens_per_sec"] == 2e6
   assert report["ratio_to_torch"] == pytest.approx(report["tokens_per_sec"] / 2e6, abs=1e-3)
@@ -125,28 +127,24 @@ def test_torch_is_timed_before_and_after_and_the_ratio_uses_their_mean(monkeypat
 
 def test_memory_bandwidth_is_the_faster_of_reading_and_copying(monkeypatch):
   # Seconds per pass: the sum (reads n bytes) takes 1 s, the scaling (reads and writes) 0.5 s.
-  monkeypatch.setattr(bench, "_compiled_best_seconds",
+  monkeypatch.setattr(probes, "compiled_best_seconds",
                       lambda fn, *args, repeats: 1.0 if fn is jnp.sum else 0.5)
-  assert bench.memory_gbps(4096) == pytest.approx(4 * 4096 / 1e9)
+  assert probes.memory_gbps(4096) == pytest.approx(4 * 4096 / 1e9)
 
 
 def test_torch_reference_only_times_the_model_it_implements():
   config = tiny_config()
   config.model.positions = "rope"
-  assert "model.positions='rope'" in bench.torch_reference(config, steps=1)["skipped"]
+  assert "model.positions='rope'" in bench_train.torch_reference(config, steps=1)["skipped"]
   config = tiny_config()
   config.model.dtype = "bfloat16"
-  assert "model.dtype='bfloat16'" in bench.torch_reference(config, steps=1)["skipped"]
+  assert "model.dtype='bfloat16'" in bench_train.torch_reference(config, steps=1)["skipped"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None,
                     reason="torch is a benchmark-only extra: pip install -e .[bench]")
 def test_torch_reference_is_the_same_network():
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  try:
-    import torch_gpt  # pylint: disable=import-outside-toplevel
-  finally:
-    sys.path.pop(0)
+  from gptjax.bench import torch_gpt  # pylint: disable=import-outside-toplevel
   result = torch_gpt.measure(vocab=61, layers=2, heads=2, d_model=32, d_ff=64, seq_len=16,
                              batch=2, steps=2, warmup=1, threads=1)
   assert result["tokens_per_sec"] > 0

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import bench
+from gptjax.bench import probes
 from gptjax import config as config_lib
 from gptjax import generate
 from gptjax import model as model_lib
@@ -216,10 +216,10 @@ def test_same_shapes_compile_once():
     for _ in generator.stream(_prompts([6], seed=seed)[0], nucleus, chunk=3):
       pass
 
-  with bench.count_compiles() as compiles:
+  with probes.count_compiles() as compiles:
     calls(seed=1)
   assert compiles[0] >= 3, "the first calls compile generate, prefill and decode"
-  with bench.count_compiles() as compiles:
+  with probes.count_compiles() as compiles:
     calls(seed=2)
   assert compiles[0] == 0, "calls with the same shapes must not recompile"
   assert generator.generate_program._cache_size() == 1  # pylint: disable=protected-access

@@ -75,13 +75,13 @@ def test_bytes_per_device_fall_with_fsdp_times_tensor(shape):
 def test_bench_memory_reports_bytes_per_device_from_the_compiled_step():
   from conftest import tiny_config
 
-  from gptjax import bench
+  from gptjax.bench import memory as bench_memory
 
   def report(mesh):
     config = tiny_config()
     config.model.update(num_heads=4, d_model=64, d_ff=128)
     config.mesh.update(mesh)
-    return bench.run_memory(config=config)
+    return bench_memory.run(config=config)
 
   replicated = report({"data": 8, "fsdp": 1, "tensor": 1})
   sharded = report({"data": 1, "fsdp": 8, "tensor": 1})

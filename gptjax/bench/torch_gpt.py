@@ -7,7 +7,7 @@ run in eager mode as most PyTorch research code is. It is written from the shape
 shares no code with gptjax.
 
   pip install -e .[bench]   # torch, a benchmark-only extra
-  python benchmarks/torch_gpt.py [--layers 6 --heads 6 --d_model 384 --seq_len 256 ...]
+  python -m gptjax.bench.torch_gpt [--layers 6 --heads 6 --d_model 384 --seq_len 256 ...]
 
 prints one JSON object: the median step time over the timed steps and tokens/s.
 `python -m gptjax bench train` runs this file in a subprocess (so the two frameworks' thread

@@ -1,0 +1,16 @@
+"""Benchmarks: `python -m gptjax bench KIND`, each printing one JSON object.
+
+One module a benchmark (`decode`, `memory`, `train`), the machine measurements they compare
+against in `probes`, FLOP counts in `flops`, and the PyTorch reference step in `torch_gpt`.
+A benchmark module exposes `run(**flags) -> dict`; BENCHMARKS maps each command name to its
+module, imported only when that benchmark runs.
+"""
+
+import importlib
+
+BENCHMARKS = ("decode", "memory", "train")
+
+
+def run(kind: str, **flags) -> dict:
+  """Runs benchmark `kind` (one of BENCHMARKS) with the command line's flags."""
+  return importlib.import_module(f"gptjax.bench.{kind}").run(**flags)

@@ -1,0 +1,121 @@
+"""`bench decode`: prefill and decode tokens/s of cached generation at batch 1 and 8, next to
+the limits this machine sets: the decode rate that the forward pass's FLOPs allow at the
+float32 matmul rate measured in the same run, and the one its memory traffic (weights plus
+KV cache read each step) allows at the measured memory bandwidth. `ratio` = that roofline /
+the measured decode rate (1.0 would be perfect).
+
+Timings are the best of `repeats` runs after a warm-up call that compiles: on a shared machine
+the best run is the one least disturbed by other work. `recompiles` counts the XLA
+compilations during the timed calls (0: the same shapes reuse their programs).
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from gptjax import generate as generate_lib
+from gptjax import train as train_lib
+from gptjax.bench import flops as flops_lib
+from gptjax.bench import probes
+
+
+def _params_bytes(params) -> int:
+  return sum(x.nbytes for x in jax.tree.leaves(params))
+
+
+def decode(generator: generate_lib.Generator, *, batch_sizes=(1, 8), prompt_len: int | None = None,
+           new_tokens: int | None = None, repeats: int = 5) -> dict:
+  """Prefill and decode throughput of `generator` (greedy, no stop token) per batch size."""
+  cfg = generator.model.cfg
+  prompt_len = prompt_len or max(1, cfg.max_len // 4)
+  new_tokens = new_tokens or max(2, min(cfg.max_len // 2, cfg.max_len - prompt_len))
+  if prompt_len + new_tokens > cfg.max_len:
+    raise ValueError(f"prompt_len={prompt_len} + new_tokens={new_tokens} exceeds the model's "
+                     f"max_len={cfg.max_len}; lower one of them.")
+  rate = probes.matmul_gflops()
+  sampling = generate_lib.Sampling(max_new_tokens=new_tokens, temperature=0)
+  rng = np.random.default_rng(0)
+  results = []
+  for batch in batch_sizes:
+    prompts = rng.integers(16, cfg.vocab_size, size=(batch, prompt_len)).tolist()
+
+    def prefill():
+      run = generator.start(prompts, sampling)
+      jax.block_until_ready(run.state)
+      return run
+
+    def decode_all(run):
+      generator.advance(run, new_tokens - 1)  # The first token came with the prefill.
+      jax.block_until_ready(run.state)
+
+    decode_all(prefill())  # Compiles both programs.
+    with probes.count_compiles() as recompiles:
+      prefill_s = probes.best_seconds(prefill, repeats)
+      decode_times = []
+      for _ in range(repeats):
+        run = prefill()
+        start = time.perf_counter()
+        decode_all(run)
+        decode_times.append(time.perf_counter() - start)
+    decode_s = min(decode_times)
+
+    steps = new_tokens - 1
+    decode_tps = batch * steps / decode_s
+    # Useful work: attention over the mean context of the timed steps.
+    flops = flops_lib.decode_flops_per_token(cfg, prompt_len + new_tokens / 2)
+    flop_bound = rate * 1e9 / flops
+    # Each step reads every weight once and the whole cache (all of its columns).
+    capacity = (generate_lib.bucket_length(prompt_len, cfg.max_len)
+                + generate_lib.Plan.of(sampling, cfg.max_len, ()).max_new_tokens)
+    cache_bytes = 2 * cfg.num_layers * batch * capacity * cfg.d_model * jnp.dtype(
+        cfg.compute_dtype).itemsize
+    step_bytes = _params_bytes(generator.params) + cache_bytes
+    bandwidth = probes.memory_gbps(step_bytes)
+    memory_bound = batch * bandwidth * 1e9 / step_bytes
+    bound = min(flop_bound, memory_bound)
+    results.append({
+        "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "prefill_tokens_per_sec": round(batch * prompt_len / prefill_s, 1),
+        "decode_tokens_per_sec": round(decode_tps, 1),
+        "decode_ms_per_step": round(1000 * decode_s / steps, 3),
+        "flops_per_token": int(flops),
+        "flop_bound_tokens_per_sec": round(flop_bound, 1),
+        "bytes_per_step": int(step_bytes), "memory_gbps": round(bandwidth, 1),
+        "memory_bound_tokens_per_sec": round(memory_bound, 1),
+        "ratio": round(bound / decode_tps, 2),
+        "recompiles": recompiles[0],
+    })
+  return {
+      "benchmark": "decode", "device": str(jax.devices()[0].device_kind),
+      "devices": len(jax.devices()),
+      "params": int(sum(x.size for x in jax.tree.leaves(generator.params))),
+      "matmul_gflops": round(rate, 1),
+      "results": results,
+  }
+
+
+
+def generator_from_config(config: ml_collections.ConfigDict) -> generate_lib.Generator:
+  """A Generator with freshly initialised parameters: speed does not depend on training."""
+  programs = train_lib.programs_for(config)
+  params = programs.init(jax.random.key(config.train.seed)).params
+  return generate_lib.Generator(programs.model, params, programs.mesh, programs.rules,
+                                stop_ids=())
+
+
+def run(*, workdir: str | None = None, config: ml_collections.ConfigDict | None = None,
+        step: int | str | None = None, **unused_flags) -> dict:
+  """The decode benchmark on a trained run (`workdir`) or on random weights (`config`)."""
+  if workdir:
+    generator, _ = generate_lib.load(workdir, step, stop_ids=())  # Decode every token.
+  elif config is not None:
+    generator = generator_from_config(config)
+  else:
+    raise ValueError("`bench decode` needs --workdir DIR (a trained run) or --config FILE "
+                     "(random weights of that model).")
+  return decode(generator)
+
+

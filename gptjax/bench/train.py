@@ -1,0 +1,185 @@
+"""`bench train`: tokens/s of a config's train step (the median of `--steps` timed steps, each
+synchronised with the device), the compile time of the first step, and model FLOPs
+utilisation (MFU): FLOPs per token (gptjax/bench/flops.py) times tokens/s, against the matmul
+rate measured in the same run (same dtype, same devices) and against the datasheet peak of
+known accelerators; and the floor under the step time: its weight matmuls (forward, input and
+weight gradients) timed alone, at the step's shapes. On the CPU, with PyTorch installed, it
+also times the same step in PyTorch eager (gptjax/bench/torch_gpt.py, in a subprocess),
+before and after its own steps, and reports the ratio to their mean, and the ratio the floor
+allows. `load_average` (1 minute, at its start and end) says how busy the machine was: trust
+CPU timings that start well below the core count.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from gptjax import host
+from gptjax import model as model_lib
+from gptjax import train as train_lib
+from gptjax.bench import flops as flops_lib
+from gptjax.bench import probes
+
+
+def random_batch(config: ml_collections.ConfigDict, rows: int, seed: int = 0) -> dict:
+  """`rows` rows of uniformly random tokens, one document a row: speed ignores the text."""
+  length, vocab = config.data.seq_len, config.model.vocab_size
+  tokens = np.random.default_rng(seed).integers(0, vocab, (rows, length + 1), dtype=np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "segment_ids": np.ones((rows, length), np.int32),
+          "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)),
+          "weights": np.ones((rows, length), np.float32)}
+
+
+def torch_reference(config: ml_collections.ConfigDict, steps: int) -> dict:
+  """Tokens/s of the PyTorch reference step at `config`'s shape, or {"skipped": why}."""
+  m = config.model
+  gpt2_style = dict(positions="learned", norm="layernorm", mlp="gelu", use_bias=False,
+                    tie_embeddings=True, dtype="float32", dropout=0.0)
+  different = [f"model.{k}={m[k]!r}" for k, v in gpt2_style.items() if m[k] != v]
+  if different:
+    return {"skipped": "the PyTorch reference is a float32 GPT-2 style model only, not "
+                       + ", ".join(different)}
+  if jax.process_count() > 1 or jax.devices()[0].platform != "cpu":
+    return {"skipped": "the PyTorch reference runs on one CPU host only"}
+  args = dict(vocab=m.vocab_size, layers=m.num_layers, heads=m.num_heads, d_model=m.d_model,
+              d_ff=m.d_ff, seq_len=config.data.seq_len, batch=config.train.batch_size,
+              steps=steps)
+  # A subprocess: PyTorch's OpenMP threads never compete with XLA's for the cores.
+  out = subprocess.run([sys.executable, "-m", "gptjax.bench.torch_gpt"]
+                       + [f"--{k}={v}" for k, v in args.items()],
+                       capture_output=True, text=True, timeout=3600, check=False)
+  if out.returncode:
+    return {"skipped": f"gptjax.bench.torch_gpt failed: {out.stderr.strip()[-300:]}"}
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _torch_or_skip(config: ml_collections.ConfigDict, steps: int, required: bool) -> dict:
+  try:
+    import torch as _  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    reference = torch_reference(config, steps)
+  except ImportError:
+    reference = {"skipped": "torch is not installed (pip install -e .[bench])"}
+  if required and "skipped" in reference:
+    raise ValueError(f"--torch=on, but {reference['skipped']}.")
+  return reference
+
+
+def train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 2,
+          torch: str = "auto") -> dict:
+  """Throughput and MFU of `config`'s train step on random tokens (see the module docstring).
+
+  `torch`: "auto" also times the PyTorch reference when torch is installed and the reference
+  applies (CPU, GPT-2 style, float32); "on" insists on it; "off" skips it.
+  """
+  load_start = os.getloadavg()[0]
+  # The PyTorch step first, before this process runs anything on XLA, so the two never share
+  # the cores; and again after, so a drift of the machine's speed during the run shows.
+  reference = None if torch == "off" else _torch_or_skip(config, steps, required=torch == "on")
+  cfg = train_lib.model_config(config)
+  programs = train_lib.programs_for(config)
+  state = programs.init(jax.random.key(config.train.seed))
+  t = config.train
+  batch = train_lib.global_batch(
+      random_batch(config, t.batch_size // jax.process_count(), seed=jax.process_index()),
+      programs.batch_sharding)
+
+  def run_step():
+    nonlocal state
+    state, metrics = programs.train_step(state, batch)
+    jax.block_until_ready((state, metrics))
+    return metrics
+
+  start = time.perf_counter()
+  first_loss = float(run_step()["loss"])
+  compile_s = time.perf_counter() - start  # Tracing, compiling and running the first step.
+  for _ in range(warmup):
+    run_step()
+  with probes.count_compiles() as recompiles:
+    times = []
+    for _ in range(steps):
+      start = time.perf_counter()
+      run_step()
+      times.append(time.perf_counter() - start)
+    # The same steps dispatched back to back, as the train loop runs them, synchronised once.
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = programs.train_step(state, batch)
+    jax.block_until_ready((state, metrics))
+    loop_s = (time.perf_counter() - start) / steps
+  step_s = statistics.median(times)
+
+  tokens = t.batch_size * config.data.seq_len
+  tokens_per_sec = tokens / step_s
+  flops = flops_lib.train_flops_per_token(cfg, state.params, config.data.seq_len)
+  devices = programs.mesh.devices.flatten()
+  platform = devices[0].platform
+  # Accelerators need large matmuls to reach their peak; 1024 is enough for a CPU. Each
+  # process measures its own devices (hosts are assumed alike).
+  local = [d for d in devices if d.process_index == jax.process_index()]
+  rate = jax.process_count() * probes.matmul_gflops(1024 if platform == "cpu" else 8192,
+                                             dtype=cfg.compute_dtype, devices=local)
+  peak = probes.peak_gflops(devices[0].device_kind, cfg.compute_dtype)
+  peak = None if peak is None else peak * len(devices)
+  matmuls_s = probes.weight_matmul_seconds(cfg, tokens // jax.process_count(), local)
+  achieved = {k: flops[f"flops_per_token{k}"] * tokens_per_sec / 1e9 for k in ("", "_causal")}
+  result = {
+      "benchmark": "train", "device": str(devices[0].device_kind), "devices": len(devices),
+      "platform": platform, "dtype": cfg.dtype, "batch_size": t.batch_size,
+      "seq_len": config.data.seq_len, "tokens_per_step": tokens,
+      "params": int(sum(x.size for x in jax.tree.leaves(state.params))), **flops,
+      "attention": model_lib.attention_implementation(cfg),
+      "compile_s": round(compile_s, 2), "steps": steps,
+      "step_ms": round(1000 * step_s, 2), "step_ms_min": round(1000 * min(times), 2),
+      "step_ms_max": round(1000 * max(times), 2),
+      "tokens_per_sec": round(tokens_per_sec, 1),
+      "loop_tokens_per_sec": round(tokens / loop_s, 1),
+      "achieved_gflops": round(achieved[""], 1),
+      "achieved_gflops_causal": round(achieved["_causal"], 1),
+      "matmul_gflops": round(rate, 1),
+      "mfu_vs_matmul": round(achieved[""] / rate, 4),
+      "mfu_vs_matmul_causal": round(achieved["_causal"] / rate, 4),
+      "weight_matmul_ms": round(1000 * matmuls_s, 2),
+      "weight_matmul_share": round(matmuls_s / step_s, 4),
+      "peak_gflops": peak,
+      "mfu_vs_peak": None if peak is None else round(achieved[""] / peak, 4),
+      "mfu_vs_peak_causal": None if peak is None else round(achieved["_causal"] / peak, 4),
+      "first_loss": round(first_loss, 4), "recompiles": recompiles[0],
+      **host.describe(),
+  }
+  if reference is not None and "tokens_per_sec" in reference:
+    after = _torch_or_skip(config, steps, required=torch == "on")
+    runs = [reference["tokens_per_sec"]]
+    if "tokens_per_sec" in after:
+      runs.append(after["tokens_per_sec"])
+    mean = statistics.mean(runs)
+    # Its MFU on the same FLOP count and matmul rate: ratio_to_torch is the MFUs' ratio.
+    reference.update(tokens_per_sec_runs=runs, tokens_per_sec=round(mean, 1),
+                     step_ms=round(1000 * tokens / mean, 2),
+                     mfu_vs_matmul_causal=round(
+                         flops["flops_per_token_causal"] * mean / 1e9 / rate, 4))
+  if reference is not None:
+    result["torch"] = reference
+    if "tokens_per_sec" in reference:
+      result["ratio_to_torch"] = round(tokens_per_sec / reference["tokens_per_sec"], 3)
+      # The ratio if everything but the weight matmuls took no time.
+      result["ratio_to_torch_ceiling"] = round(reference["step_ms"] / 1000 / matmuls_s, 3)
+  result["load_average"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
+  return result
+
+
+def run(*, workdir: str | None = None, config: ml_collections.ConfigDict | None = None,
+        step=None, steps: int = 20, torch: str = "auto") -> dict:
+  """The train benchmark of --config (a fresh model on random tokens)."""
+  del step
+  if config is None or workdir:
+    raise ValueError("`bench train` needs --config FILE (e.g. experiments/bench_cpu.py), not "
+                     "--workdir: it times a fresh model on random tokens.")
+  return train(config, steps=steps, torch=torch)
