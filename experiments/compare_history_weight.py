@@ -9,16 +9,14 @@ averages over different tokens). The chat demo at a few CPU minutes an arm:
       --workdir runs/compare/replies_only --config.init_from=runs/compare/baseline/pretrain
 """
 
-import os
-import runpy
-
 import ml_collections
+
+from gptjax import config as config_lib
 
 
 def baseline() -> ml_collections.ConfigDict:
   """experiments/chat_demo.py with fewer steps: pretrain, then dialogue with history_weight 1."""
-  here = os.path.dirname(os.path.abspath(__file__))
-  c = runpy.run_path(os.path.join(here, "chat_demo.py"))["get_config"]()
+  c = config_lib.sibling(__file__, "chat_demo")
   c.pretrain.train.update(steps=150, eval_every=50, checkpoint_every=50, log_every=10)
   # Frequent evals give the comparison curves enough points; patience 0 lets every arm run
   # its full budget, so they end at the same token count.

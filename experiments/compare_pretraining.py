@@ -10,13 +10,11 @@ baseline's tokenizer, since per-token losses compare only under the same tokeniz
       --workdir runs/compare/scratch
 """
 
-import os
-import runpy
+from gptjax import config as config_lib
 
 
 def get_config(arm: str = "pretrained"):
-  here = os.path.dirname(os.path.abspath(__file__))
-  c = runpy.run_path(os.path.join(here, "compare_history_weight.py"))["baseline"]()
+  c = config_lib.sibling(__file__, "compare_history_weight", "baseline")
   if arm == "pretrained":
     return c  # A pipeline config: run it with `python -m gptjax pipeline`.
   if arm == "scratch":

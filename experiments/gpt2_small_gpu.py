@@ -10,13 +10,11 @@ Multi-node: the same command on every node with --coordinator_address HOST0:PORT
 --num_processes N --process_id I (or --distributed under SLURM).
 """
 
-import os
-import runpy
+from gptjax import config as config_lib
 
 
 def get_config():
-  here = os.path.dirname(os.path.abspath(__file__))
-  c = runpy.run_path(os.path.join(here, "gpt2_small_tpu.py"))["get_config"]()
+  c = config_lib.sibling(__file__, "gpt2_small_tpu")
   c.model.remat = "none"  # 80 GB a GPU holds batch 32 without recomputation.
   c.train.batch_size = 256  # ~262K tokens a step; 32 sequences a GPU on 8 GPUs.
   c.mesh.data = -1

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from gptjax import dialogue
 from gptjax import generate as generate_lib
+from gptjax.errors import UserError
 from gptjax.tokenizer import Tokenizer
 
 RESET, EXIT = "/reset", "/exit"
@@ -79,7 +80,7 @@ class ChatSession:
       dropped += 1
       ids = dialogue.render_prompt(messages, self.tokenizer)
     if len(ids) > budget:
-      raise ValueError(
+      raise UserError(
           f"The message needs {len(ids)} tokens with the template"
           f"{' and system prompt' if self.system else ''}, more than the {budget} the "
           f"{self.generator.max_len}-token context leaves after {self.reserve} for the reply; "
@@ -98,7 +99,7 @@ class ChatSession:
     "interrupted"). Raises ValueError, with the history unchanged, if the message cannot fit.
     """
     if not text.strip():
-      raise ValueError("The message is empty; type some text.")
+      raise UserError("The message is empty; type some text.")
     messages = self.messages + [{"role": "user", "content": text}]
     ids = self._prompt(messages)
     self.messages = messages

@@ -16,6 +16,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from gptjax.errors import UserError
+
 
 def _eval_loss(metrics) -> float:
   return metrics["eval_loss"]
@@ -57,7 +59,7 @@ class Checkpoints:
       found = int(step) if int(step) in self.all_steps() else None
     if found is None:
       have = ", ".join(map(str, self.all_steps())) or "none"
-      raise ValueError(f"No checkpoint {step or 'at all'} in {self.directory} (steps: {have}); "
+      raise UserError(f"No checkpoint {step or 'at all'} in {self.directory} (steps: {have}); "
                        "train first or pick one of the saved steps.")
     return found
 

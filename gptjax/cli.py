@@ -22,14 +22,20 @@
            reference step's tokens/s), as JSON.
 
 Config overrides follow ml_collections: an unknown key or a value of the wrong type is an
-error naming the key, and nothing starts.
+error naming the key, and nothing starts. Each command takes only its own flags (COMMANDS).
+A problem the user can fix (gptjax.errors.UserError) is one line on stderr and exit status 1;
+anything else is a bug in gptjax: its traceback, a line saying so, and exit status 2.
 """
 
 import json
+import re
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from gptjax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file defining get_config().", lock_config=True)
@@ -71,14 +77,35 @@ _TORCH = flags.DEFINE_enum(
     "(gptjax/bench/torch_gpt.py); auto: when torch is installed and the run is on the CPU.")
 
 
-class UsageError(ValueError):
-  """A command was called without what it needs."""
-
-
 def _require(flag, name: str, command: str):
   if flag.value is None:
-    raise UsageError(f"`{command}` needs --{name}; see `python -m gptjax --help`.")
+    raise UserError(f"`{command}` needs --{name}; see `python -m gptjax --help`.")
   return flag.value
+
+
+def _step():
+  """--step as given: None (latest), "latest", "best" or a step number."""
+  step = _STEP.value
+  if step is not None and step not in ("latest", "best") and not re.fullmatch(r"\d+", step):
+    raise UserError(f"--step={step!r} is not a checkpoint; expected a step number, `best` or "
+                    "`latest`.")
+  return step
+
+
+def _config_file() -> str:
+  return config_flags.get_config_filename(flags.FLAGS["config"])
+
+
+def _stage_config(command: str):
+  """--config (with its overrides) as a checked StageConfig; refuses a pipeline config."""
+  from gptjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from gptjax import pipeline  # pylint: disable=g-import-not-at-top
+
+  config = _require(_CONFIG, "config", command)
+  if pipeline.is_pipeline(config):
+    raise UserError(f"{_config_file()} is a pipeline config (it lists stages); run it with "
+                    "`python -m gptjax pipeline`.")
+  return config_lib.stage_config(config)
 
 
 def _say(line: str):
@@ -107,15 +134,12 @@ def _summary(config, result) -> str:
 
 def cmd_train():
   """Trains the configured stage in --workdir."""
-  from gptjax import pipeline  # Deferred: keeps `--help` and `prepare` light.
-  from gptjax import train as train_lib
+  from gptjax import train as train_lib  # Deferred: keeps `--help` and `prepare` light.
+  from gptjax import workdir as workdir_lib
 
-  config = _require(_CONFIG, "config", "train")
+  config = _stage_config("train")
   workdir = _require(_WORKDIR, "workdir", "train")
-  if pipeline.is_pipeline(config):
-    raise UsageError(f"{_CONFIG.config_filename} is a pipeline config (it lists stages); run "
-                     "it with `python -m gptjax pipeline`.")
-  result = train_lib.train(config, workdir)
+  result = train_lib.train(workdir_lib.resolve(config, workdir))
   _say(f"{_summary(config, result)}. Checkpoints in {workdir}/checkpoints, "
         f"metrics in {workdir}/metrics.jsonl.")
 
@@ -127,11 +151,12 @@ def cmd_pipeline():
   config = _require(_CONFIG, "config", "pipeline")
   workdir = _require(_WORKDIR, "workdir", "pipeline")
   if not pipeline.is_pipeline(config):
-    raise UsageError(f"{_CONFIG.config_filename} is a single-stage config; run it with "
-                     "`python -m gptjax train`.")
+    raise UserError(f"{_config_file()} is a single-stage config; run it with "
+                    "`python -m gptjax train`.")
+  config = pipeline.pipeline_config(config)
   results = pipeline.run(config, workdir)
   for name, result in results.items():
-    _say(_summary(config[name], result))
+    _say(_summary(config.stage(name), result))
   if not results:
     _say(f"Every stage in {workdir} had already finished.")
   pipeline.print_samples(config, workdir, print_fn=_say)
@@ -142,7 +167,7 @@ def cmd_eval():
   from gptjax import evaluate
 
   workdir = _require(_WORKDIR, "workdir", "eval")
-  metrics = evaluate.eval_workdir(workdir, split=_SPLIT.value, step=_STEP.value)
+  metrics = evaluate.eval_workdir(workdir, split=_SPLIT.value, step=_step())
   if _JSON.value:
     print(json.dumps(metrics))
   else:
@@ -182,15 +207,15 @@ def cmd_sample():
       with open(_PROMPT_FILE.value) as f:
         texts += [line.rstrip("\n") for line in f if line.strip()]
     except OSError as e:
-      raise UsageError(f"Cannot read --prompt_file: {e}; pass a text file, one prompt a "
-                       "line.") from None
+      raise UserError(f"Cannot read --prompt_file: {e}; pass a text file, one prompt a "
+                      "line.") from None
   if not texts:
-    raise UsageError("`sample` needs --prompt TEXT (repeatable) or --prompt_file FILE.")
+    raise UserError("`sample` needs --prompt TEXT (repeatable) or --prompt_file FILE.")
   for i, text in enumerate(texts):
     if not text.strip():
-      raise UsageError(f"Prompt {i} is empty; give every --prompt some text.")
+      raise UserError(f"Prompt {i} is empty; give every --prompt some text.")
   sampling = _sampling()
-  generator, tokenizer = generate.load(workdir, _STEP.value)
+  generator, tokenizer = generate.load(workdir, _step())
   prompts = [[tokenizer.bos_id, *tokenizer.encode(text)] for text in texts]
   completions = generator.generate(prompts, sampling)
   for c in completions:
@@ -218,8 +243,8 @@ def cmd_chat():
   workdir = _require(_WORKDIR, "workdir", "chat")
   sampling = _sampling()
   if sampling.num_samples != 1:
-    raise UsageError("`chat` gives one reply per message; drop --num_samples.")
-  generator, tokenizer = generate.load(workdir, _STEP.value)
+    raise UserError("`chat` gives one reply per message; drop --num_samples.")
+  generator, tokenizer = generate.load(workdir, _step())
   session = chat.ChatSession(generator, tokenizer, sampling, system=_SYSTEM.value)
   if _MESSAGE.value:
     lines = _MESSAGE.value
@@ -239,10 +264,10 @@ def cmd_bench(kind: str | None = None):
   from gptjax import bench
 
   if kind not in bench.BENCHMARKS:
-    raise UsageError(f"`bench` needs one of: {', '.join(bench.BENCHMARKS)}; e.g. "
-                     "`python -m gptjax bench decode --workdir DIR`.")
-  config = _CONFIG.value if _WORKDIR.value is None else None
-  print(json.dumps(bench.run(kind, workdir=_WORKDIR.value, config=config, step=_STEP.value,
+    raise UserError(f"`bench` needs one of: {', '.join(bench.BENCHMARKS)}; e.g. "
+                    "`python -m gptjax bench decode --workdir DIR`.")
+  config = _stage_config("bench") if _CONFIG.value is not None else None
+  print(json.dumps(bench.run(kind, workdir=_WORKDIR.value, config=config, step=_step(),
                              steps=_BENCH_STEPS.value, torch=_TORCH.value), indent=2))
 
 
@@ -266,10 +291,36 @@ def _host_config():
   return host
 
 
-COMMANDS = {"train": cmd_train, "pipeline": cmd_pipeline, "eval": cmd_eval,
-            "prepare": cmd_prepare, "sample": cmd_sample, "chat": cmd_chat, "bench": cmd_bench}
+SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
+                  "no_repeat_ngram_size", "seed")
+# Every process of a multi-process run takes these, whatever the command.
+PROCESS_FLAGS = ("coordinator_address", "num_processes", "process_id", "distributed")
+# command -> (function, the flags it takes). `--config.KEY=VALUE` overrides belong to config.
+COMMANDS = {
+    "train": (cmd_train, ("config", "workdir")),
+    "pipeline": (cmd_pipeline, ("config", "workdir")),
+    "eval": (cmd_eval, ("workdir", "split", "step", "json")),
+    "prepare": (cmd_prepare, ("dataset", "data_dir")),
+    "sample": (cmd_sample, ("workdir", "step", "prompt", "prompt_file", "json", "num_samples",
+                            *SAMPLING_FLAGS)),
+    "chat": (cmd_chat, ("workdir", "step", "system", "message", "json", *SAMPLING_FLAGS)),
+    "bench": (cmd_bench, ("config", "workdir", "step", "steps", "torch")),
+}
 # Commands that take one positional argument (`bench decode`).
 TAKES_ARGUMENT = {"bench"}
+# Flags gptjax defines (absl's own, such as --verbosity, are accepted by every command).
+_OURS = {name for _, names in COMMANDS.values() for name in names} | set(PROCESS_FLAGS)
+
+
+def _check_flags(command: str):
+  """Refuses flags that the command does not take (they would be silently ignored)."""
+  takes = set(COMMANDS[command][1]) | set(PROCESS_FLAGS)
+  given = [name for name in flags.FLAGS if flags.FLAGS[name].present
+           and (name in _OURS or name.startswith("config."))]
+  for name in given:
+    if name.split(".")[0] not in takes:
+      raise UserError(f"`{command}` does not take --{name}; its flags are "
+                      f"{', '.join('--' + f for f in COMMANDS[command][1])}.")
 
 
 def main(argv):
@@ -285,15 +336,22 @@ def main(argv):
   host_lib.apply(host.hugepages, host.xla_cpu_flags, sys.argv)
   from gptjax.train import NonFiniteLossError  # pylint: disable=g-import-not-at-top
 
+  command = argv[1]
   try:
+    _check_flags(command)
     from gptjax import sharding  # pylint: disable=g-import-not-at-top
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                     auto=_DISTRIBUTED.value)
-    COMMANDS[argv[1]](*argv[2:])
-  except (ValueError, NonFiniteLossError) as e:
-    # User-facing problems (bad config, missing dataset, diverged loss) as one line, no trace.
-    print(f"gptjax {argv[1]}: error: {e}", file=sys.stderr)
+    COMMANDS[command][0](*argv[2:])
+  except (UserError, NonFiniteLossError) as e:
+    # Problems the user can fix (bad config, missing dataset, diverged loss): one line.
+    print(f"gptjax {command}: error: {e}", file=sys.stderr)
     sys.exit(1)
+  except Exception:  # pylint: disable=broad-except
+    traceback.print_exc()
+    print(f"gptjax {command}: internal error: this is a bug in gptjax, not in your input; "
+          "please report it with the traceback above.", file=sys.stderr)
+    sys.exit(2)
 
 
 def run():

@@ -1,13 +1,25 @@
-"""The base config: every key, its default and what it means.
+"""The base config: every key, its default and what it means; and its typed, frozen form.
 
 Config flows one way: an experiment file overrides a few keys of `base_config()`, the command
-line overrides more (`--config.train.steps=200`), and the library receives plain arguments or
-the small frozen dataclasses below, never the ConfigDict itself.
+line overrides more (`--config.train.steps=200`), and `stage_config` turns the result once
+into a frozen `StageConfig` (one dataclass a group: model, tokenizer, data, dialogue, train,
+mesh, host), checking every value. The library receives a StageConfig (or one of its groups,
+or plain arguments), never the ConfigDict, and never changes it. `base_config()` is the one
+place defaults live: a StageConfig is always built on top of it, so a config.json written
+before a key existed still reads.
 """
 
+import dataclasses
 import json
+import os
+import runpy
+import typing
+from collections.abc import Mapping
 
 import ml_collections
+
+from gptjax.errors import UserError
+from gptjax.model import ModelConfig
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -118,22 +130,250 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def to_json(config: ml_collections.ConfigDict) -> str:
-  """The resolved config as stable JSON (written to DIR/config.json)."""
+# ----------------------------------------------------------------------------- typed groups
+
+DATA_KINDS = ("text", "dialogue")
+LONG_CONVERSATIONS = ("recent", "windows")
+TOKENIZER_TYPES = ("bpe", "unigram")
+
+
+def _check(ok: bool, key: str, value, expected: str):
+  """Raises a one-line UserError naming the key unless `ok`."""
+  if not ok:
+    raise UserError(f"{key}={value!r} is invalid: expected {expected}; set --config.{key} "
+                    "(or fix the experiment file).")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+  """`config.tokenizer`: how a stage without a tokenizer trains one."""
+  model_type: str
+  max_chars: int
+
+  def __post_init__(self):
+    _check(self.model_type in TOKENIZER_TYPES, "tokenizer.model_type", self.model_type,
+           f"one of {TOKENIZER_TYPES}")
+    _check(self.max_chars > 0, "tokenizer.max_chars", self.max_chars, "a positive count")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """`config.data`: what a stage reads and how it is packed."""
+  kind: str
+  dataset: str
+  data_dir: str | None
+  train_split: str
+  eval_split: str
+  text_field: str
+  chunk_chars: int
+  seq_len: int
+  eval_batches: int
+  train_files: str
+  eval_files: str
+  strict: bool
+
+  def __post_init__(self):
+    _check(self.kind in DATA_KINDS, "data.kind", self.kind, f"one of {DATA_KINDS}")
+    _check(self.chunk_chars > 0, "data.chunk_chars", self.chunk_chars, "a positive count")
+    _check(self.seq_len > 0, "data.seq_len", self.seq_len, "a positive length")
+    _check(self.eval_batches >= 0, "data.eval_batches", self.eval_batches, "0 (all) or more")
+    _check(bool(self.dataset.strip() or self.train_files.strip()), "data.dataset",
+           self.dataset, "a tfds dataset name (or JSONL files in data.train_files)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DialogueConfig:
+  """`config.dialogue`: the loss weights and long-conversation handling of dialogue stages."""
+  history_weight: float
+  long_conversations: str
+
+  def __post_init__(self):
+    _check(0.0 <= self.history_weight <= 1.0, "dialogue.history_weight", self.history_weight,
+           "a weight in [0, 1]")
+    _check(self.long_conversations in LONG_CONVERSATIONS, "dialogue.long_conversations",
+           self.long_conversations, f"one of {LONG_CONVERSATIONS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """`config.train`: the optimizer, its schedule and the loop's cadence."""
+  steps: int
+  batch_size: int
+  grad_accum_steps: int
+  learning_rate: float
+  min_lr_ratio: float
+  warmup_steps: int
+  weight_decay: float
+  b1: float
+  b2: float
+  eps: float
+  grad_clip: float
+  seed: int
+  log_every: int
+  eval_every: int
+  checkpoint_every: int
+  max_to_keep: int
+  trainable: str
+  patience: int
+
+  def __post_init__(self):
+    for key in ("steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every",
+                "max_to_keep"):
+      _check(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "a positive integer")
+    for key in ("warmup_steps", "eval_every", "patience", "weight_decay", "grad_clip",
+                "learning_rate"):
+      _check(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "0 or more")
+    _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio,
+           "a ratio in [0, 1]")
+    for key in ("b1", "b2"):
+      _check(0.0 <= getattr(self, key) < 1.0, f"train.{key}", getattr(self, key),
+             "a decay rate in [0, 1)")
+    _check(self.eps > 0, "train.eps", self.eps, "a positive epsilon")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """`config.mesh`: device mesh sizes and the logical-axis -> mesh-axes rules table."""
+  data: int
+  fsdp: int
+  tensor: int
+  rules: tuple[tuple[str, typing.Any], ...]
+
+  def __post_init__(self):
+    object.__setattr__(self, "rules", tuple(
+        (name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+        for name, axes in self.rules))
+    for key in ("data", "fsdp", "tensor"):
+      size = getattr(self, key)
+      _check(size > 0 or size == -1, f"mesh.{key}", size, "a positive size or -1 (the rest)")
+
+  @property
+  def sizes(self) -> dict[str, int]:
+    return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+
+
+@dataclasses.dataclass(frozen=True)
+class HostConfig:
+  """`config.host`: process settings applied at start (gptjax/host.py)."""
+  hugepages: bool
+  xla_cpu_flags: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+  """One training stage, every key checked: what the library receives instead of a ConfigDict.
+
+  `init_from` is as the user gave it until `workdir.resolve` pins it to an absolute path and
+  `init_from_step` to a step number.
+  """
+  stage: str
+  init_from: str
+  init_from_step: str
+  model: ModelConfig
+  tokenizer: TokenizerConfig
+  data: DataConfig
+  dialogue: DialogueConfig
+  train: TrainConfig
+  mesh: MeshConfig
+  host: HostConfig
+
+  def __post_init__(self):
+    if self.data.seq_len > self.model.max_len:
+      raise UserError(f"data.seq_len={self.data.seq_len} is above model.max_len="
+                      f"{self.model.max_len}; lower --config.data.seq_len or raise "
+                      "--config.model.max_len.")
+    step = self.init_from_step
+    _check(step in ("latest", "best") or step.isdigit(), "init_from_step", step,
+           "'latest', 'best' or a step number")
+    _check(_trainable_ok(self.train.trainable, self.model.num_layers), "train.trainable",
+           self.train.trainable, f"'all', 'no_embed' or 'top:N' with N <= "
+           f"{self.model.num_layers} layers")
+
+  def to_dict(self) -> dict:
+    """The nested dict of every key (the shape of base_config().to_dict())."""
+    return dataclasses.asdict(self)
+
+  def replace(self, **groups) -> "StageConfig":
+    """A copy with top-level keys replaced and groups updated: replace(train={"steps": 5})."""
+    changes = {}
+    for key, value in groups.items():
+      current = getattr(self, key)
+      if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
+        value = dataclasses.replace(current, **value)
+      changes[key] = value
+    return dataclasses.replace(self, **changes)
+
+
+def _trainable_ok(trainable: str, num_layers: int) -> bool:
+  if trainable in ("all", "no_embed"):
+    return True
+  prefix, _, count = trainable.partition(":")
+  return prefix == "top" and count.isdigit() and int(count) <= num_layers
+
+
+GROUPS = {"model": ModelConfig, "tokenizer": TokenizerConfig, "data": DataConfig,
+          "dialogue": DialogueConfig, "train": TrainConfig, "mesh": MeshConfig,
+          "host": HostConfig}
+
+
+def _coerce(key: str, value, annotation):
+  """`value` as the field's type (JSON and ConfigDicts hold ints for floats, lists for tuples)."""
+  if annotation in (float, "float") and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if annotation in (int, "int") and isinstance(value, float) and value.is_integer():
+    return int(value)
+  allowed = {int: int, float: float, str: str, bool: bool, "int": int, "float": float,
+             "str": str, "bool": bool}.get(annotation)
+  if allowed is not None and not (isinstance(value, allowed)
+                                  and not (allowed is int and isinstance(value, bool))):
+    raise UserError(f"{key}={value!r} has type {type(value).__name__}; expected "
+                    f"{allowed.__name__}; set --config.{key} to a {allowed.__name__}.")
+  return value
+
+
+def _group(cls, name: str, values: Mapping):
+  hints = typing.get_type_hints(cls)
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - fields)
+  if unknown:
+    raise UserError(f"{name}.{unknown[0]} is not a config key; expected one of "
+                    f"{sorted(fields)}; check the spelling (gptjax/config.py lists them).")
+  return cls(**{k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in values.items()})
+
+
+def stage_config(config: ml_collections.ConfigDict | Mapping) -> StageConfig:
+  """The typed, checked form of one stage's config (a ConfigDict, or its dict from JSON).
+
+  Keys missing from `config` take base_config()'s defaults; an unknown key or a value of the
+  wrong type or out of range is a one-line UserError naming it.
+  """
+  values = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  merged = base_config().to_dict()
+  unknown = sorted(set(values) - set(merged))
+  if unknown:
+    raise UserError(f"{unknown[0]!r} is not a config key; expected the keys of a stage config "
+                    f"({', '.join(sorted(merged))}); a pipeline config goes to "
+                    "`python -m gptjax pipeline`.")
+  for key, value in values.items():
+    if isinstance(merged[key], dict):
+      if not isinstance(value, Mapping):
+        raise UserError(f"{key}={value!r} is not a group of keys; expected a dict.")
+      merged[key] = {**merged[key], **value}
+    else:
+      merged[key] = value
+  top = {k: _coerce(k, merged[k], str) for k in ("stage", "init_from", "init_from_step")}
+  groups = {name: _group(cls, name, merged[name]) for name, cls in GROUPS.items()}
+  return StageConfig(**top, **groups)
+
+
+def to_json(config: StageConfig) -> str:
+  """The config as stable JSON (written to DIR/config.json)."""
   return json.dumps(config.to_dict(), indent=2, sort_keys=True)
 
 
-def from_json(text: str) -> ml_collections.ConfigDict:
-  """Inverse of to_json; lists come back as tuples so rules stay hashable."""
-
-  def tuples(x):
-    if isinstance(x, list):
-      return tuple(tuples(v) for v in x)
-    if isinstance(x, dict):
-      return {k: tuples(v) for k, v in x.items()}
-    return x
-
-  return ml_collections.ConfigDict(tuples(json.loads(text)))
+def from_json(text: str) -> StageConfig:
+  """Inverse of to_json."""
+  return stage_config(json.loads(text))
 
 
 # Keys whose change makes a checkpoint unusable: a workdir refuses a config that differs here.
@@ -143,11 +383,18 @@ MODEL_SHAPE_KEYS = (
 )
 
 
-def model_shape_diff(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> list[str]:
+def model_shape_diff(old: StageConfig, new: StageConfig) -> list[str]:
   """Human-readable differences between two configs on the keys that fix parameter shapes."""
   diffs = []
   for key in MODEL_SHAPE_KEYS:
-    a, b = old.model.get(key), new.model.get(key)
+    a, b = getattr(old.model, key), getattr(new.model, key)
     if a != b:
       diffs.append(f"model.{key}: {a!r} -> {b!r}")
   return diffs
+
+
+def sibling(experiment_file: str, name: str, *args) -> ml_collections.ConfigDict:
+  """get_config(*args) of the experiment `name` beside `experiment_file` (experiments build on
+  each other wherever gptjax is launched from)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(experiment_file)), name + ".py")
+  return runpy.run_path(path)["get_config"](*args)

@@ -2,37 +2,41 @@
 
 import math
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from gptjax import checkpoint as ckpt_lib
+from gptjax import config as config_lib
 from gptjax import datasets
 from gptjax import sharding
+from gptjax import steps as steps_lib
 from gptjax import workdir as workdir_lib
+from gptjax.errors import UserError
 
 
 def evaluate(programs, params, batches: list[dict]) -> dict:
   """Metrics over `batches` (global numpy batches, identical on every process).
 
-  Returns `loss` (the weighted objective), `perplexity`, `tokens` (summed weights) and, for
+  Returns `loss` (the weighted objective), `perplexity`, `tokens` (target tokens that are
+  not padding), `weight_sum` (their summed loss weights, the loss's denominator) and, for
   dialogue batches, `assistant_loss` and `assistant_tokens`.
   """
-  from gptjax.train import global_batch  # pylint: disable=g-import-not-at-top
-
   sums = None
   for batch in batches:
     rows = batch["inputs"].shape[0] // jax.process_count()
     lo = jax.process_index() * rows
     local = {k: v[lo:lo + rows] for k, v in batch.items()}
-    out = programs.eval_step(params, global_batch(local, programs.batch_sharding))
+    out = programs.eval_step(params, sharding.global_batch(local, programs.batch_sharding))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   if sums is None:
-    raise ValueError("The eval set produced no batch; check data.eval_split / data.eval_files.")
+    raise UserError("The eval set produced no batch; check data.eval_split / "
+                    "data.eval_files.")
   sums = {k: float(v) for k, v in jax.device_get(sums).items()}
   loss = sums["loss_sum"] / max(sums["weight_sum"], 1.0)
   metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-             "tokens": sums["weight_sum"]}
+             "tokens": sums["token_count"], "weight_sum": sums["weight_sum"]}
   if "assistant_sum" in sums:
     metrics["assistant_loss"] = sums["assistant_sum"] / max(sums["assistant_count"], 1.0)
     metrics["assistant_tokens"] = sums["assistant_count"]
@@ -45,34 +49,31 @@ def eval_workdir(workdir: str, *, split: str | None = None, step: str | None = N
 
   For a dialogue run trained on JSONL files, `split` may be a JSONL path.
   """
-  from gptjax import train as train_lib  # pylint: disable=g-import-not-at-top
-
   config = workdir_lib.read_config(workdir)
   if split:
-    _set_eval_split(config, split)
-  mesh = mesh or sharding.make_mesh(config.mesh)
+    config = config.replace(data=_eval_split(config.data, split))
+  mesh = mesh or sharding.make_mesh(config.mesh.sizes)
   checkpoints = ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True)
   step_number = checkpoints.resolve(step)
   tokenizer = workdir_lib.load_tokenizer(workdir)
   batches, _ = datasets.eval_batches(config, tokenizer)
   if not batches:
-    raise ValueError(f"{workdir} has no eval set configured; pass --split NAME.")
-  programs = train_lib.compile_programs(config, mesh)
+    raise UserError(f"{workdir} has no eval set configured; pass --split NAME.")
+  programs = steps_lib.compile_programs(config, mesh)
   params = checkpoints.restore_params(step_number, programs.abstract_state().params)
   return {"step": step_number, "split": split or _eval_name(config.data),
           **evaluate(programs, params, batches)}
 
 
-def _set_eval_split(config: ml_collections.ConfigDict, split: str):
-  d = config.data
+def _eval_split(d: config_lib.DataConfig, split: str) -> config_lib.DataConfig:
+  """`d` evaluating on `split`: a split name or a JSONL file."""
   if split.endswith(".jsonl"):
-    d.eval_files = split
-    if not d.train_files:
-      d.train_files = split  # Selects the file-based source for both sides.
-  else:
-    d.eval_split = split
-    d.dataset = ",".join(e.split(":")[0] for e in d.dataset.split(","))  # Per-entry splits off.
+    # train_files selects the file-based source for both sides.
+    return dataclasses.replace(d, eval_files=split, train_files=d.train_files or split)
+  # Per-entry splits (NAME:TRAIN:EVAL) off: the named split applies to every dataset.
+  return dataclasses.replace(d, eval_split=split, dataset=",".join(
+      e.split(":")[0] for e in d.dataset.split(",")))
 
 
-def _eval_name(d: ml_collections.ConfigDict) -> str:
+def _eval_name(d: config_lib.DataConfig) -> str:
   return d.eval_files if d.kind == "dialogue" and d.train_files else d.eval_split

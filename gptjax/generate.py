@@ -31,8 +31,8 @@ from gptjax import checkpoint as ckpt_lib
 from gptjax import model as model_lib
 from gptjax import sharding
 from gptjax import tokenizer as tokenizer_lib
-from gptjax import train as train_lib
 from gptjax import workdir as workdir_lib
+from gptjax.errors import UserError
 
 STOP_IDS = (tokenizer_lib.END_ID, tokenizer_lib.EOS_ID)
 MIN_BUCKET = 8
@@ -66,7 +66,7 @@ class Sampling:
     )
     for ok, message in checks:
       if not ok:
-        raise ValueError(message + ".")
+        raise UserError(message + ".")
 
   @property
   def greedy(self) -> bool:
@@ -299,11 +299,11 @@ class Generator:
 
   def _inputs(self, prompts: Sequence[Sequence[int]], sampling: Sampling):
     if not prompts:
-      raise ValueError("No prompts given; pass at least one prompt.")
+      raise UserError("No prompts given; pass at least one prompt.")
     fitted = []
     for i, prompt in enumerate(prompts):
       if len(prompt) == 0:
-        raise ValueError(f"Prompt {i} is empty; give it at least one token.")
+        raise UserError(f"Prompt {i} is empty; give it at least one token.")
       fitted.append(fit_prompt(prompt, self.max_len, sampling.max_new_tokens))
     bucket = bucket_length(max(map(len, fitted)), self.max_len)
     rows = [(i, j) for i in range(len(fitted)) for j in range(sampling.num_samples)]
@@ -381,8 +381,8 @@ def load(workdir: str, step: int | str | None = None, *, mesh=None,
   """A Generator with the parameters of checkpoint `step` (None: latest, "best") of a run."""
   config = workdir_lib.read_config(workdir)
   tokenizer = workdir_lib.load_tokenizer(workdir)
-  mesh = mesh or sharding.make_mesh(config.mesh)
-  model = model_lib.Transformer(train_lib.model_config(config))
+  mesh = mesh or sharding.make_mesh(config.mesh.sizes)
+  model = model_lib.Transformer(config.model)
   rules = sharding.rules_tuple(config.mesh.rules)
   # Only the parameters' shapes and shardings: serving needs no optimizer state.
   boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
@@ -390,7 +390,7 @@ def load(workdir: str, step: int | str | None = None, *, mesh=None,
                                     sharding.logical_shardings(boxed, mesh, rules))
   directory = workdir_lib.checkpoint_dir(workdir)
   if not os.path.isdir(directory):
-    raise ValueError(f"{workdir} has no checkpoints/ folder; train it first or pass the "
+    raise UserError(f"{workdir} has no checkpoints/ folder; train it first or pass the "
                      "--workdir of a trained run.")
   checkpoints = ckpt_lib.Checkpoints(directory, read_only=True)
   try:

@@ -18,22 +18,18 @@ def token_nll(logits_BLV, targets_BL):
   return logz_BL - target_logit_BL
 
 
-def weighted_nll(logits_BLV, targets_BL, weights_BL):
-  """(sum of weight * nll, sum of weights): divide the two for the mean loss.
-
-  Returning sums rather than the mean lets gradient accumulation and evaluation add exact
-  totals over micro-batches, so their result equals one big batch.
-  """
-  weights_BL = weights_BL.astype(jnp.float32)
-  return (token_nll(logits_BLV, targets_BL) * weights_BL).sum(), weights_BL.sum()
-
-
 def loss_sums(logits_BLV, batch) -> dict:
-  """Sums for the objective (`loss_sum` / `weight_sum`) and, for dialogue batches, for the
-  assistant tokens alone (`assistant_sum` / `assistant_count`)."""
+  """Sums for the objective (`loss_sum` / `weight_sum`), the count of targets that are not
+  padding (`token_count`) and, for dialogue batches, for the assistant tokens alone
+  (`assistant_sum` / `assistant_count`).
+
+  Sums rather than means let gradient accumulation and evaluation add exact totals over
+  micro-batches, so their result equals one big batch.
+  """
   nll_BL = token_nll(logits_BLV, batch["targets"])
   weights_BL = batch["weights"].astype(jnp.float32)
-  sums = {"loss_sum": (nll_BL * weights_BL).sum(), "weight_sum": weights_BL.sum()}
+  sums = {"loss_sum": (nll_BL * weights_BL).sum(), "weight_sum": weights_BL.sum(),
+          "token_count": (batch["segment_ids"] > 0).sum().astype(jnp.float32)}
   if "assistant" in batch:
     assistant_BL = batch["assistant"].astype(jnp.float32)
     sums["assistant_sum"] = (nll_BL * assistant_BL).sum()

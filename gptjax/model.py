@@ -36,8 +36,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gptjax.errors import UserError
 
 ATTENTION = ("auto", "xla", "cudnn", "chunked")
+DTYPES = ("float32", "bfloat16", "float16")
 # Query rows per chunk of "chunked" attention. Measured at seq 256 on 2 Zen 4 cores: chunks of
 # 128 and of 64 rows ran the train step alike, 256 (no chunking) 5% slower, and 32 rows made
 # the batched matmuls too small.
@@ -72,16 +74,27 @@ class ModelConfig:
   def __post_init__(self):
     choices = {"positions": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
                "mlp": ("gelu", "swiglu"), "remat": ("none", "full", "dots"),
-               "attention": ATTENTION}
+               "attention": ATTENTION, "dtype": DTYPES, "param_dtype": DTYPES}
     for key, allowed in choices.items():
       if getattr(self, key) not in allowed:
-        raise ValueError(f"model.{key}={getattr(self, key)!r} is not one of {allowed}; "
-                         "set --config.model.{key} to one of them.")
+        raise UserError(f"model.{key}={getattr(self, key)!r} is not one of {allowed}; "
+                        f"set --config.model.{key} to one of them.")
+    for key in ("vocab_size", "num_layers", "num_heads", "d_model", "d_ff", "max_len"):
+      if getattr(self, key) < 1:
+        raise UserError(f"model.{key}={getattr(self, key)} is not positive; set "
+                        f"--config.model.{key} to a positive integer.")
+    if not 0.0 <= self.dropout < 1.0:
+      raise UserError(f"model.dropout={self.dropout} is outside [0, 1); set "
+                      "--config.model.dropout to a rate in [0, 1).")
+    if self.rope_theta <= 0:
+      raise UserError(f"model.rope_theta={self.rope_theta} is not positive; set "
+                      "--config.model.rope_theta to a positive base.")
     if self.d_model % self.num_heads:
-      raise ValueError(f"model.d_model={self.d_model} is not divisible by model.num_heads="
-                       f"{self.num_heads}; choose heads that divide d_model.")
+      raise UserError(f"model.d_model={self.d_model} is not divisible by model.num_heads="
+                      f"{self.num_heads}; choose heads that divide d_model.")
     if self.positions == "rope" and self.head_dim % 2:
-      raise ValueError(f"RoPE needs an even head dim, got d_model/num_heads={self.head_dim}.")
+      raise UserError(f"RoPE needs an even head dim, got d_model/num_heads={self.head_dim}; "
+                      "change model.d_model or model.num_heads.")
 
   @property
   def head_dim(self) -> int:

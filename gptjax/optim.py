@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gptjax.errors import UserError
+
 
 def lr_schedule(*, learning_rate: float, warmup_steps: int, steps: int,
                 min_lr_ratio: float) -> optax.Schedule:
@@ -36,7 +38,7 @@ def check_trainable(trainable: str, num_layers: int):
   match = re.fullmatch(r"top:(\d+)", trainable)
   if trainable in ("all", "no_embed") or (match and int(match[1]) <= num_layers):
     return
-  raise ValueError(f"train.trainable={trainable!r} is not one of 'all', 'no_embed' or "
+  raise UserError(f"train.trainable={trainable!r} is not one of 'all', 'no_embed' or "
                    f"'top:N' with N <= {num_layers} layers; set --config.train.trainable.")
 
 
@@ -62,15 +64,21 @@ def trainable_factor(path, shape, *, trainable: str, num_layers: int):
   return 1.0 if names[0] in ("norm_final", "head", "embedding") else 0.0
 
 
+def mask_frozen(tree, trainable: str, num_layers: int):
+  """`tree` (gradients or updates) with its frozen entries zeroed (see trainable_factor)."""
+  if trainable == "all":
+    return tree
+  return jax.tree_util.tree_map_with_path(
+      lambda path, u: u * trainable_factor(path, u.shape, trainable=trainable,
+                                           num_layers=num_layers), tree)
+
+
 def freeze(trainable: str, num_layers: int) -> optax.GradientTransformation:
   """Multiplies gradients (or updates) by `trainable_factor`; stateless."""
 
   def update(updates, state, params=None):
     del params
-    scaled = jax.tree_util.tree_map_with_path(
-        lambda path, u: u * trainable_factor(path, u.shape, trainable=trainable,
-                                             num_layers=num_layers), updates)
-    return scaled, state
+    return mask_frozen(updates, trainable, num_layers), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 

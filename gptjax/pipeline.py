@@ -9,21 +9,52 @@ A pipeline config holds `stages` (names), one full stage config under each name,
 `tokenizer_stage`; see experiments/chat_demo.py.
 """
 
+import dataclasses
 import json
 import os
-import shutil
 
 import jax
 import ml_collections
 
+from gptjax import config as config_lib
 from gptjax import datasets
 from gptjax import dialogue
+from gptjax import sharding
 from gptjax import train as train_lib
 from gptjax import workdir as workdir_lib
+from gptjax.errors import UserError
+
+TOP_KEYS = ("stages", "tokenizer_stage", "num_samples")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """A pipeline config, checked: its stages in order, each a StageConfig."""
+  stages: tuple[tuple[str, config_lib.StageConfig], ...]
+  tokenizer_stage: str  # The stage whose training texts train the shared tokenizer.
+  num_samples: int  # Held-out conversations the last (dialogue) stage replies to at the end.
+
+  def stage(self, name: str) -> config_lib.StageConfig:
+    return dict(self.stages)[name]
 
 
 def is_pipeline(config: ml_collections.ConfigDict) -> bool:
   return "stages" in config
+
+
+def pipeline_config(config: ml_collections.ConfigDict) -> PipelineConfig:
+  """The typed form of a pipeline ConfigDict; raises UserError for a malformed one."""
+  names = tuple(config.stages)
+  unknown = [k for k in config.keys() if k not in TOP_KEYS and k not in names]
+  missing = [s for s in names if s not in config]
+  tokenizer_stage = config.get("tokenizer_stage", "")
+  if not names or unknown or missing or tokenizer_stage not in names:
+    raise UserError(f"Pipeline stages {list(names)} need a config each (missing: {missing}), "
+                    f"tokenizer_stage={tokenizer_stage!r} among them, and no other keys "
+                    f"(unknown: {unknown}); fix the experiment file.")
+  return PipelineConfig(
+      stages=tuple((name, config_lib.stage_config(config[name])) for name in names),
+      tokenizer_stage=tokenizer_stage, num_samples=int(config.get("num_samples", 0)))
 
 
 def _finished(workdir: str) -> list[str]:
@@ -38,47 +69,37 @@ def _mark_finished(workdir: str, finished: list[str]):
   if jax.process_index() == 0:
     workdir_lib.atomic_write(os.path.join(workdir, "pipeline.json"),
                              json.dumps({"finished": finished}, indent=2))
+  sharding.barrier(f"pipeline.json {len(finished)}")
 
 
-def check(config: ml_collections.ConfigDict):
-  """Raises unless every listed stage has a config and the tokenizer stage is one of them."""
-  missing = [s for s in config.stages if s not in config]
-  if missing or config.tokenizer_stage not in config.stages:
-    raise ValueError(f"Pipeline stages {list(config.stages)} need a config each (missing: "
-                     f"{missing}) and tokenizer_stage={config.tokenizer_stage!r} among them; "
-                     "fix the experiment file.")
-
-
-def shared_tokenizer(config: ml_collections.ConfigDict, workdir: str):
-  """DIR/tokenizer.model, trained on the tokenizer stage's texts the first time."""
+def shared_tokenizer(config: PipelineConfig, workdir: str) -> str:
+  """The path of DIR/tokenizer.model, trained (on process 0) on the tokenizer stage's texts
+  the first time."""
   path = workdir_lib.tokenizer_path(workdir)
-  if os.path.exists(path):
-    return workdir_lib.load_tokenizer(workdir)
-  stage = config[config.tokenizer_stage]
-  tokenizer = workdir_lib.new_tokenizer(stage, datasets.tokenizer_texts(stage))
-  if jax.process_index() == 0:
+  if not os.path.exists(path) and jax.process_index() == 0:
+    stage = config.stage(config.tokenizer_stage)
+    tokenizer = workdir_lib.new_tokenizer(stage, datasets.tokenizer_texts(stage))
     os.makedirs(workdir, exist_ok=True)
     tokenizer.save(path)
-  return tokenizer
+  sharding.barrier(f"pipeline tokenizer {workdir}")
+  return path
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
+def run(config: PipelineConfig, workdir: str, *, mesh=None,
         progress: bool = True) -> dict[str, train_lib.TrainResult]:
   """Trains every unfinished stage; returns the results of the stages run now."""
-  check(config)
-  shared_tokenizer(config, workdir)
+  workdir = os.path.abspath(workdir)
+  tokenizer = shared_tokenizer(config, workdir)
   finished, results, previous = _finished(workdir), {}, None
-  for name in config.stages:
-    stage, stage_dir = config[name], os.path.join(workdir, name)
+  for name, stage_config in config.stages:
+    stage_dir = os.path.join(workdir, name)
     if name not in finished:
-      if previous and not stage.init_from:
-        stage.init_from = previous
-      if not stage.init_from and not os.path.exists(workdir_lib.tokenizer_path(stage_dir)):
-        os.makedirs(stage_dir, exist_ok=True)
-        shutil.copy(workdir_lib.tokenizer_path(workdir), workdir_lib.tokenizer_path(stage_dir))
-      if progress:
+      if previous and not stage_config.init_from:
+        stage_config = stage_config.replace(init_from=previous)
+      stage = workdir_lib.resolve(stage_config, stage_dir, tokenizer_from=tokenizer)
+      if progress and jax.process_index() == 0:
         print(f"== stage {name} in {stage_dir}")
-      results[name] = train_lib.train(stage, stage_dir, mesh=mesh, progress=progress)
+      results[name] = train_lib.train(stage, mesh=mesh, progress=progress)
       finished.append(name)
       _mark_finished(workdir, finished)
     previous = stage_dir
@@ -100,13 +121,12 @@ def held_out_prompts(conversations, count: int) -> list[tuple[list[dict], str]]:
   return pairs
 
 
-def print_samples(config: ml_collections.ConfigDict, workdir: str, *, print_fn=print):
+def print_samples(config: PipelineConfig, workdir: str, *, print_fn=print):
   """Replies of the last (dialogue) stage's best checkpoint to held-out conversations."""
   from gptjax import generate  # pylint: disable=g-import-not-at-top
 
-  last = config.stages[-1]
-  stage = config[last]
-  if stage.data.kind != "dialogue" or not config.get("num_samples"):
+  last, stage = config.stages[-1]
+  if stage.data.kind != "dialogue" or not config.num_samples:
     return
   conversations, _ = datasets.conversations(stage.data, "eval")
   pairs = held_out_prompts(conversations, config.num_samples)

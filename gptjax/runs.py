@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from gptjax import metrics as metrics_lib
+from gptjax.errors import UserError
 
 BASE_COLUMNS = ["run", "stage", "split", "step", "tokens", "stage_tokens", "time", "elapsed_s",
                 "loss", "assistant_loss", "perplexity", "lr", "grad_norm", "tokens_per_sec"]
@@ -44,13 +45,13 @@ def paths_from_env(default: list[str], variable: str = "GPTJAX_RUNS") -> list[st
 def _stage_dirs(path: str) -> list[str]:
   """The stage workdirs of `path` in training order; raises ValueError saying why none."""
   if not os.path.isdir(path):
-    raise ValueError("no such directory")
+    raise UserError("no such directory")
   if os.path.exists(os.path.join(path, "config.json")):
     return [path]
   stages = [e.path for e in os.scandir(path)
             if e.is_dir() and os.path.exists(os.path.join(e.path, "config.json"))]
   if not stages:
-    raise ValueError("not a gptjax workdir (no config.json, nor stage folders holding one)")
+    raise UserError("not a gptjax workdir (no config.json, nor stage folders holding one)")
   finished = []
   if os.path.exists(os.path.join(path, "pipeline.json")):
     with open(os.path.join(path, "pipeline.json")) as f:
@@ -97,7 +98,7 @@ def _read_run(path: str) -> tuple[pd.DataFrame, dict]:
     try:
       rows, config = _read_stage(stage_dir, offset)
     except (OSError, json.JSONDecodeError, KeyError) as e:
-      raise ValueError(f"{stage_dir} is unreadable ({type(e).__name__}: {e})") from None
+      raise UserError(f"{stage_dir} is unreadable ({type(e).__name__}: {e})") from None
     if rows.empty:
       continue  # A stage that has not logged yet (or just started).
     # A pipeline's folder names its stages uniquely; their `stage` keys need not.
@@ -107,7 +108,7 @@ def _read_run(path: str) -> tuple[pd.DataFrame, dict]:
     configs[stage] = config
     offset = int(rows["tokens"].max())
   if not frames:
-    raise ValueError("no metrics rows yet")
+    raise UserError("no metrics rows yet")
   run = pd.concat(frames, ignore_index=True)
   run["elapsed_s"] = run["time"] - run["time"].min()
   return run, configs
@@ -139,7 +140,7 @@ def load(paths: list[str] | str) -> pd.DataFrame:
   """One row a metrics row of every run in `paths` (see the module docstring)."""
   paths = [paths] if isinstance(paths, str) else list(paths)
   if not paths:
-    raise ValueError("No workdirs given; pass paths of `gptjax train` or `gptjax pipeline` runs.")
+    raise UserError("No workdirs given; pass paths of `gptjax train` or `gptjax pipeline` runs.")
   names, frames, configs, unreadable = _names(paths), [], {}, {}
   for name, path in zip(names, paths):
     try:
@@ -152,7 +153,7 @@ def load(paths: list[str] | str) -> pd.DataFrame:
     frames.append(frame)
   if not frames:
     reasons = "; ".join(f"{p}: {why}" for p, why in unreadable.items())
-    raise ValueError(f"None of the runs could be read: {reasons}; pass workdirs of "
+    raise UserError(f"None of the runs could be read: {reasons}; pass workdirs of "
                      "`gptjax train` or `gptjax pipeline` runs.")
   df = pd.concat(frames, ignore_index=True)
   config_columns = _differing_keys(configs)
@@ -238,7 +239,7 @@ def plot_comparison(df: pd.DataFrame, metric: str | None = None,
   stage = stage or max(stages, key=lambda s: (counts[s], stages.index(s)))
   rows = df[df["stage"] == stage]
   if rows.empty:
-    raise ValueError(f"No run has a stage {stage!r}; the stages loaded are {stages}.")
+    raise UserError(f"No run has a stage {stage!r}; the stages loaded are {stages}.")
   metric = metric or ("assistant_loss" if rows["assistant_loss"].notna().any() else "loss")
   columns, colors = df.attrs.get("config_columns", []), _colors(df["run"])
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)

@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from gptjax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
@@ -22,23 +24,24 @@ def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
   wild = [i for i, s in enumerate(shape) if s == -1]
   spec = ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, shape))
   if len(wild) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise ValueError(f"Mesh {spec}: sizes must be positive with at most one -1; "
+    raise UserError(f"Mesh {spec}: sizes must be positive with at most one -1; "
                      "fix --config.mesh.*.")
   if wild:
     rest = math.prod(s for s in shape if s != -1)
     if num_devices % rest:
-      raise ValueError(f"Mesh {spec}: the fixed axes ({rest}) do not divide the {num_devices} "
+      raise UserError(f"Mesh {spec}: the fixed axes ({rest}) do not divide the {num_devices} "
                        "devices; choose sizes that divide the device count.")
     shape[wild[0]] = num_devices // rest
   if math.prod(shape) != num_devices:
-    raise ValueError(f"Mesh {spec} has {math.prod(shape)} devices but {num_devices} are "
+    raise UserError(f"Mesh {spec} has {math.prod(shape)} devices but {num_devices} are "
                      "available; make data * fsdp * tensor equal the device count "
                      "(or set one axis to -1).")
   return tuple(shape)
 
 
 def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all)."""
+  """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all); `sizes` maps each axis
+  to its size (`config.MeshConfig.sizes`)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(sizes, len(devices))
   # Auto axes: the compiler propagates shardings from the annotated inputs and constraints
@@ -83,6 +86,19 @@ def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
   return nn.logical_to_mesh_sharding(P("batch", None), mesh, rules_tuple(rules))
 
 
+def global_batch(batch: dict, batch_sharding: NamedSharding) -> dict:
+  """This process's rows of a batch -> one global jax.Array per key."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def barrier(name: str):
+  """Waits until every process reaches the barrier of this name (no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
 def check_divisible(abstract_tree, shardings, mesh: Mesh):
   """Raises naming the parameter and axis when a mesh axis does not divide a dimension."""
   for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(abstract_tree),
@@ -91,7 +107,7 @@ def check_divisible(abstract_tree, shardings, mesh: Mesh):
       axes = (axes,) if isinstance(axes, str) else (axes or ())
       size = math.prod(mesh.shape[a] for a in axes)
       if dim % size:
-        raise ValueError(f"Parameter {jax.tree_util.keystr(path)} has a dimension of {dim} "
+        raise UserError(f"Parameter {jax.tree_util.keystr(path)} has a dimension of {dim} "
                          f"that mesh axes {axes} (size {size}) do not divide; change the "
                          "mesh or the rule in config.mesh.rules.")
 
@@ -114,7 +130,7 @@ def initialize_distributed(coordinator_address: str | None = None,
     jax.distributed.initialize()
   else:
     if num_processes is None or process_id is None:
-      raise ValueError("--coordinator_address needs --num_processes and --process_id too "
+      raise UserError("--coordinator_address needs --num_processes and --process_id too "
                        "(every process gets the same address and count, and its own id).")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)

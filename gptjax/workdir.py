@@ -1,19 +1,30 @@
-"""The run directory, a public contract:
+"""The run directory, a public contract, and resolving a stage into it.
 
   DIR/config.json       the resolved config (rebuilds the model for eval, sample and chat)
   DIR/tokenizer.model   the SentencePiece model
   DIR/checkpoints/      Orbax CheckpointManager, one folder a step
   DIR/metrics.jsonl     one JSON object a line (see gptjax/metrics.py)
   DIR/tensorboard/      TensorBoard event files
+
+A stage runs in two moves. `resolve` checks everything it can without writing: the workdir
+against the run it may already hold, `init_from` (a workdir with a checkpoint, the same model
+shape and tokenizer), and pins `init_from` to an absolute path and `init_from_step` to a step
+number. A resumed run keeps the provenance its config.json recorded when it started. Then
+`prepare` writes: on process 0 only, the tokenizer (copied, or trained once) and config.json;
+the other processes wait at a barrier and read them.
 """
 
+import dataclasses
 import os
+import shutil
 
 import jax
-import ml_collections
 
+from gptjax import checkpoint as ckpt_lib
 from gptjax import config as config_lib
+from gptjax import sharding
 from gptjax import tokenizer as tokenizer_lib
+from gptjax.errors import UserError
 
 
 def config_path(workdir: str) -> str:
@@ -28,12 +39,12 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(workdir, "checkpoints")
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
+def read_config(workdir: str) -> config_lib.StageConfig:
   """The config a run in `workdir` was trained with."""
   path = config_path(workdir)
   if not os.path.exists(path):
-    raise ValueError(f"{workdir} is not a gptjax workdir (no config.json); pass the --workdir "
-                     "of a `gptjax train` run.")
+    raise UserError(f"{workdir} is not a gptjax workdir (no config.json); pass the --workdir "
+                    "of a `gptjax train` run.")
   with open(path) as f:
     return config_lib.from_json(f.read())
 
@@ -46,79 +57,132 @@ def atomic_write(path: str, data: str | bytes):
   os.replace(tmp, path)
 
 
-def check_compatible(config: ml_collections.ConfigDict, workdir: str):
-  """Refuses a workdir whose existing run has another model shape."""
-  if os.path.exists(config_path(workdir)):
-    diffs = config_lib.model_shape_diff(read_config(workdir), config)
-    if diffs:
-      raise ValueError(f"Workdir {workdir} holds a run with another model shape "
-                       f"({'; '.join(diffs)}); use a new --workdir or the same model config.")
-
-
-def prepare(config: ml_collections.ConfigDict, workdir: str,
-            training_texts=None) -> tokenizer_lib.Tokenizer:
-  """Checks and writes DIR/config.json, and loads the tokenizer or trains it.
-
-  `training_texts` is called for the texts only when there is no tokenizer yet.
-
-  Nothing is written when the existing run in `workdir` has another model shape.
-  """
-  check_compatible(config, workdir)
+def load_tokenizer(workdir: str) -> tokenizer_lib.Tokenizer:
   path = tokenizer_path(workdir)
-  trained = not os.path.exists(path)
-  if trained:
-    tokenizer = new_tokenizer(config, training_texts())
-  else:
-    tokenizer = tokenizer_lib.Tokenizer.load(path)
+  if not os.path.exists(path):
+    raise UserError(f"{workdir} has no tokenizer.model; pass the --workdir of a trained run.")
+  return tokenizer_lib.Tokenizer.load(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class InitSource:
+  """The checkpoint whose parameters start a stage."""
+  workdir: str  # Absolute.
+  step: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """A stage ready to run: its checked config (with init_from pinned), where it runs, and
+  where its parameters and tokenizer come from."""
+  config: config_lib.StageConfig
+  workdir: str  # Absolute.
+  init: InitSource | None  # Parameters of an earlier stage; None: fresh or resumed.
+  tokenizer_from: str | None  # An existing tokenizer file to use; None: train one.
+  resuming: bool  # The workdir holds a checkpoint of this run: training continues from it.
+
+
+def resolve(config: config_lib.StageConfig, workdir: str, *,
+            tokenizer_from: str | None = None) -> Stage:
+  """Checks `config` against `workdir` and its init source, writing nothing (see module doc).
+
+  `tokenizer_from` names a tokenizer file for a stage that has none of its own yet and no
+  `init_from` (a pipeline's shared tokenizer).
+  """
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir {workdir} is a file, not a directory; pass a new or existing "
+                    "run directory.")
+  recorded = read_config(workdir) if os.path.exists(config_path(workdir)) else None
+  if recorded is not None:
+    diffs = config_lib.model_shape_diff(recorded, config)
+    if diffs:
+      raise UserError(f"Workdir {workdir} holds a run with another model shape "
+                      f"({'; '.join(diffs)}); use a new --workdir or the same model config.")
+  resuming = ckpt_lib.latest_step(checkpoint_dir(workdir)) is not None
+  init = None
+  if resuming and recorded is not None:
+    # The run continues from its own checkpoint; its recorded provenance stands.
+    config = config.replace(init_from=recorded.init_from,
+                            init_from_step=recorded.init_from_step)
+  elif config.init_from:
+    init = _init_source(config, config.init_from)
+    config = config.replace(init_from=init.workdir, init_from_step=str(init.step))
+  source_tokenizer = tokenizer_path(init.workdir) if init else tokenizer_from
+  own = tokenizer_path(workdir)
+  if os.path.exists(own):
+    if source_tokenizer and _read(own) != _read(source_tokenizer):
+      parent = f"init_from={init.workdir}" if init else source_tokenizer
+      raise UserError(f"{own} differs from the tokenizer of {parent}; a stage must keep its "
+                      "parent's tokenizer: use a new --workdir.")
+    source_tokenizer = own
+  elif resuming:
+    raise UserError(f"{workdir} has checkpoints but no tokenizer.model; restore the file or "
+                    "use a new --workdir.")
+  if source_tokenizer:
+    _check_vocab(tokenizer_lib.Tokenizer.load(source_tokenizer), config, source_tokenizer)
+  return Stage(config=config, workdir=workdir, init=init, tokenizer_from=source_tokenizer,
+               resuming=resuming)
+
+
+def _read(path: str) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def _init_source(config: config_lib.StageConfig, init_from: str) -> InitSource:
+  """The checkpoint `init_from` / `init_from_step` name, checked against `config`."""
+  source = os.path.abspath(init_from)
+  if not os.path.isdir(source):
+    raise UserError(f"init_from={init_from} does not exist; pass the workdir of an earlier "
+                    "stage (a `gptjax train` run).")
+  diffs = config_lib.model_shape_diff(read_config(source), config)
+  if diffs:
+    raise UserError(f"init_from={source} was trained with another model shape "
+                    f"({'; '.join(diffs)}); use the same model config as that stage.")
+  if not os.path.exists(tokenizer_path(source)):
+    raise UserError(f"init_from={source} has no tokenizer.model; pass a complete workdir.")
+  checkpoints = ckpt_lib.Checkpoints(checkpoint_dir(source), read_only=True)
+  try:
+    step = checkpoints.resolve(config.init_from_step)
+  finally:
+    checkpoints.close()
+  return InitSource(workdir=source, step=step)
+
+
+def _check_vocab(tokenizer: tokenizer_lib.Tokenizer, config: config_lib.StageConfig,
+                 path: str):
   if tokenizer.vocab_size != config.model.vocab_size:
-    raise ValueError(f"{path} has {tokenizer.vocab_size} tokens but model.vocab_size="
-                     f"{config.model.vocab_size}; use a new --workdir or matching vocab_size.")
+    raise UserError(f"{path} has {tokenizer.vocab_size} tokens but model.vocab_size="
+                    f"{config.model.vocab_size}; use a new --workdir or a matching "
+                    "--config.model.vocab_size.")
+
+
+def prepare(stage: Stage, training_texts=None) -> tokenizer_lib.Tokenizer:
+  """Writes the stage's tokenizer and config.json (process 0) and returns the tokenizer.
+
+  `training_texts` is called for the texts only when there is no tokenizer to use.
+  """
+  own = tokenizer_path(stage.workdir)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
+    # Trained before anything is created: a dataset that cannot be read leaves no workdir.
+    trained = new_tokenizer(stage.config, training_texts()) if not stage.tokenizer_from else None
+    os.makedirs(stage.workdir, exist_ok=True)
     if trained:
-      tokenizer.save(path)
-    atomic_write(config_path(workdir), config_lib.to_json(config))
+      trained.save(own)
+    elif os.path.abspath(stage.tokenizer_from) != own:
+      tmp = own + ".tmp"
+      shutil.copyfile(stage.tokenizer_from, tmp)
+      os.replace(tmp, own)
+    atomic_write(config_path(stage.workdir), config_lib.to_json(stage.config))
+  sharding.barrier(f"prepare {stage.workdir}")
+  tokenizer = tokenizer_lib.Tokenizer.load(own)
+  _check_vocab(tokenizer, stage.config, own)
   return tokenizer
 
 
-def new_tokenizer(config: ml_collections.ConfigDict, texts) -> tokenizer_lib.Tokenizer:
+def new_tokenizer(config: config_lib.StageConfig, texts) -> tokenizer_lib.Tokenizer:
   """A tokenizer trained on `texts` with the config's vocab size and tokenizer settings."""
   return tokenizer_lib.train_tokenizer(
       texts, vocab_size=config.model.vocab_size, model_type=config.tokenizer.model_type,
       seed=config.train.seed, max_chars=config.tokenizer.max_chars)
-
-
-def load_tokenizer(workdir: str) -> tokenizer_lib.Tokenizer:
-  path = tokenizer_path(workdir)
-  if not os.path.exists(path):
-    raise ValueError(f"{workdir} has no tokenizer.model; pass the --workdir of a trained run.")
-  return tokenizer_lib.Tokenizer.load(path)
-
-
-def resolve_init_from(config: ml_collections.ConfigDict, workdir: str):
-  """Prepares a fresh stage started from `config.init_from` (an earlier stage's workdir).
-
-  Refuses, naming the difference, a source with another model shape or a tokenizer other
-  than one already in `workdir`; copies the source's tokenizer in; and pins
-  `config.init_from`/`init_from_step` to the absolute path and the resolved step number, so
-  config.json records where the stage came from.
-  """
-  from gptjax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-
-  source = os.path.abspath(config.init_from)
-  diffs = config_lib.model_shape_diff(read_config(source), config)
-  if diffs:
-    raise ValueError(f"init_from={source} was trained with another model shape "
-                     f"({'; '.join(diffs)}); use the same model config as that stage.")
-  step = ckpt_lib.Checkpoints(checkpoint_dir(source), read_only=True).resolve(
-      config.init_from_step)
-  source_tokenizer = load_tokenizer(source)
-  if os.path.exists(tokenizer_path(workdir)):
-    if load_tokenizer(workdir).model_bytes != source_tokenizer.model_bytes:
-      raise ValueError(f"{tokenizer_path(workdir)} differs from the tokenizer of init_from="
-                       f"{source}; a stage must keep its parent's tokenizer: use a new "
-                       "--workdir.")
-  elif jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    source_tokenizer.save(tokenizer_path(workdir))
-  config.init_from, config.init_from_step = source, str(step)

@@ -18,9 +18,12 @@ if host.hugepages_supported():
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # The checkout.
 TOKENIZER_VOCAB = 384  # Tiny, but above SentencePiece's minimum for Shakespeare's characters.
 
 
@@ -113,41 +116,85 @@ def tiny_dialogue_config(train_file, eval_file, data_dir=None):
   return c
 
 
+# The command line and the library both start from a ConfigDict turned into a StageConfig;
+# tests edit ConfigDicts (tiny_config) and convert them with these.
+
+
+def make_mesh(data=1, fsdp=1, tensor=1):
+  """A mesh over the first data * fsdp * tensor fake devices."""
+  import jax
+
+  from gptjax import sharding
+
+  n = data * fsdp * tensor
+  return sharding.make_mesh({"data": data, "fsdp": fsdp, "tensor": tensor}, jax.devices()[:n])
+
+
+def compile_programs(config, mesh):
+  """steps.compile_programs of a ConfigDict (or a StageConfig)."""
+  from gptjax import config as config_lib
+  from gptjax import steps
+
+  if not isinstance(config, config_lib.StageConfig):
+    config = config_lib.stage_config(config)
+  return steps.compile_programs(config, mesh)
+
+
+def run_stage(config, workdir, mesh=None, progress=False):
+  """Resolves a ConfigDict's stage in `workdir` and trains it, as `gptjax train` does."""
+  from gptjax import config as config_lib
+  from gptjax import train
+  from gptjax import workdir as workdir_lib
+
+  stage = workdir_lib.resolve(config_lib.stage_config(config), str(workdir))
+  return train.train(stage, mesh=mesh, progress=progress)
+
+
+def run_pipeline(config, workdir, mesh=None):
+  """pipeline.run of a pipeline ConfigDict."""
+  from gptjax import pipeline
+
+  return pipeline.run(pipeline.pipeline_config(config), str(workdir), mesh=mesh, progress=False)
+
+
+def gptjax(*args, stdin=None, env=None, check=False, timeout=600):
+  """`python -m gptjax ARGS` from the checkout; a CompletedProcess with text output."""
+  out = subprocess.run([sys.executable, "-m", "gptjax", *map(str, args)], input=stdin,
+                       capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                       env=None if env is None else {**os.environ, **env})
+  if check and out.returncode:
+    raise AssertionError(f"gptjax {args} failed:\n{out.stdout}\n{out.stderr}")
+  return out
+
+
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory, tfds_data_dir, tiny_tokenizer_file):
   """A tiny model trained for 4 steps, with a 64-token context for chat histories."""
-  from gptjax import train
-
   path = with_tokenizer(tmp_path_factory.mktemp("trained") / "run", tiny_tokenizer_file)
   config = tiny_config(tfds_data_dir)
   config.model.max_len = 64
-  train.train(config, str(path), progress=False)
+  run_stage(config, path)
   return str(path)
 
 
 @pytest.fixture(scope="session")
 def trained_runs(tmp_path_factory, tfds_data_dir, tiny_tokenizer_file) -> dict[str, str]:
   """A tiny two-stage pipeline and a replies-only dialogue run from its pretraining."""
-  import jax
   import ml_collections
-
-  from gptjax import pipeline
-  from gptjax import sharding
-  from gptjax import train as train_lib
 
   root = tmp_path_factory.mktemp("trained_runs")
   paths = {"pipeline": str(root / "demo"), "replies_only": str(root / "replies_only")}
   chats = write_chats(root / "chats.jsonl", 40), write_chats(root / "dev.jsonl", 8, 1)
-  mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 1}, jax.devices()[:2])
+  mesh = make_mesh(data=2)
   config = ml_collections.ConfigDict()
   config.stages, config.tokenizer_stage = ("pretrain", "dialogue"), "pretrain"
   config.pretrain = tiny_config(tfds_data_dir)
   config.dialogue = tiny_dialogue_config(*chats)
   with_tokenizer(paths["pipeline"], tiny_tokenizer_file)
-  pipeline.run(config, paths["pipeline"], mesh=mesh, progress=False)
+  run_pipeline(config, paths["pipeline"], mesh=mesh)
 
   replies = tiny_dialogue_config(*chats)
   replies.init_from = os.path.join(paths["pipeline"], "pretrain")
   replies.dialogue.history_weight = 0.0
-  train_lib.train(replies, paths["replies_only"], mesh=mesh, progress=False)
+  run_stage(replies, paths["replies_only"], mesh=mesh)
   return paths

@@ -2,24 +2,19 @@
 
 import io
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import TOKENIZER_VOCAB
+from conftest import TOKENIZER_VOCAB, gptjax, make_mesh
 from test_generate import RULES
 
 from gptjax import chat
 from gptjax import dialogue
 from gptjax import generate
 from gptjax import model as model_lib
-from gptjax import sharding
 from gptjax import tokenizer as tokenizer_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_LEN = 64
 # No stop token: every reply is exactly max_new_tokens long, whatever the random model says.
 SAMPLING = generate.Sampling(max_new_tokens=6, temperature=1.0, top_p=1.0, seed=0)
@@ -36,7 +31,7 @@ def generator():
                               d_ff=64, max_len=MAX_LEN)
   model = model_lib.Transformer(cfg)
   params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  mesh = make_mesh()
   return generate.Generator(model, params, mesh, RULES, stop_ids=())
 
 
@@ -128,10 +123,6 @@ def test_replies_stream_as_text_without_json(generator, tokenizer):
 
 # ----------------------------------------------------------------------------- the command
 
-
-def gptjax(*args, stdin=""):
-  return subprocess.run([sys.executable, "-m", "gptjax", *args], input=stdin,
-                        capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
 @pytest.mark.slow

@@ -3,16 +3,15 @@
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import compile_programs, make_mesh, tiny_config
 
 from gptjax import checkpoint as ckpt_lib
 from gptjax import sharding
-from gptjax import train as train_lib
 
 
 def _programs(sizes):
   mesh = sharding.make_mesh(sizes, jax.devices()[:int(np.prod(list(sizes.values())))])
-  return train_lib.compile_programs(tiny_config(), mesh)
+  return compile_programs(tiny_config(), mesh)
 
 
 def test_round_trip_restores_the_same_state_onto_another_mesh(tmp_path):
@@ -50,8 +49,8 @@ def test_params_restore_alone_whatever_the_optimizer(tmp_path):
   checkpoints.wait()
   config = tiny_config()
   config.train.grad_clip = 0.0  # Another optimizer state structure.
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  abstract = train_lib.compile_programs(config, mesh).abstract_state().params
+  mesh = make_mesh()
+  abstract = compile_programs(config, mesh).abstract_state().params
   params = checkpoints.restore_params(1, abstract)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -66,12 +65,12 @@ def test_restored_on_another_mesh_the_next_step_is_the_same(tmp_path, saved, loa
   checkpoints = ckpt_lib.Checkpoints(str(tmp_path / "ckpt"))
   checkpoints.save(1, state)
   checkpoints.wait()
-  _, expected = saver.train_step(state, train_lib.global_batch(batch, saver.batch_sharding))
+  _, expected = saver.train_step(state, sharding.global_batch(batch, saver.batch_sharding))
 
   loader = _programs(dict(zip(("data", "fsdp", "tensor"), loaded)))
   restored = checkpoints.restore(1, loader.abstract_state())
   leaf = restored.params["block_0"]["mlp"]["wi"]
   assert leaf.sharding.mesh.shape == loader.mesh.shape
-  _, metrics = loader.train_step(restored, train_lib.global_batch(batch, loader.batch_sharding))
+  _, metrics = loader.train_step(restored, sharding.global_batch(batch, loader.batch_sharding))
   np.testing.assert_allclose(metrics["loss"], expected["loss"], rtol=1e-6)
   np.testing.assert_allclose(metrics["grad_norm"], expected["grad_norm"], rtol=1e-4)

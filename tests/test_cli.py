@@ -7,18 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TINY_EXPERIMENT, with_tokenizer
+from conftest import ROOT, TINY_EXPERIMENT, gptjax, with_tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENT = os.path.join(ROOT, "experiments", "shakespeare_pretrain.py")
 
-
-def gptjax(*args, check=False):
-  out = subprocess.run([sys.executable, "-m", "gptjax", *args], capture_output=True, text=True,
-                       cwd=ROOT, timeout=600)
-  if check and out.returncode:
-    raise AssertionError(f"gptjax {args} failed:\n{out.stdout}\n{out.stderr}")
-  return out
 
 
 @pytest.mark.parametrize("override, key", [
@@ -40,6 +32,45 @@ def test_unknown_command_is_a_usage_error():
 def test_prepare_without_a_dataset_says_what_is_missing():
   out = gptjax("prepare")
   assert out.returncode != 0 and "needs --dataset" in out.stderr
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["train", "--config", EXPERIMENT, "--workdir", "unused", "--steps", "100"], "--steps"),
+    (["eval", "--workdir", "unused", "--temperature", "0"], "--temperature"),
+    (["prepare", "--dataset", "x", "--workdir", "unused"], "--workdir"),
+    (["sample", "--workdir", "unused", "--config", EXPERIMENT, "--prompt", "a"], "--config"),
+])
+def test_a_flag_the_command_does_not_take_is_refused(args, flag, tmp_path):
+  out = gptjax(*args)
+  assert out.returncode == 1, out.stderr
+  assert f"does not take {flag}" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+  assert not os.path.exists(os.path.join(ROOT, "unused"))
+
+
+def test_a_bad_step_names_the_flag(tmp_path):
+  out = gptjax("eval", "--workdir", tmp_path, "--step", "banana")
+  assert out.returncode == 1 and "--step='banana' is not a checkpoint" in out.stderr
+
+
+def test_a_pipeline_config_given_to_train_says_which_command_runs_it(tmp_path):
+  out = gptjax("train", "--config", os.path.join(ROOT, "experiments", "chat_demo.py"),
+               "--workdir", tmp_path / "run")
+  assert out.returncode == 1 and "is a pipeline config" in out.stderr
+  out = gptjax("pipeline", "--config", EXPERIMENT, "--workdir", tmp_path / "run")
+  assert out.returncode == 1 and "is a single-stage config" in out.stderr
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_bug_keeps_its_traceback_and_says_it_is_one(tmp_path):
+  # An internal error (here forced into `eval`) is not mistaken for bad input.
+  code = ("import sys; from gptjax import evaluate, cli; "
+          "evaluate.eval_workdir = lambda *a, **k: {}['missing']; "
+          "sys.argv = ['gptjax', *sys.argv[1:]]; cli.run()")
+  out = subprocess.run([sys.executable, "-c", code, "eval", "--workdir", str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert out.returncode == 2
+  assert "Traceback" in out.stderr and "KeyError: 'missing'" in out.stderr
+  assert "this is a bug in gptjax" in out.stderr
 
 
 

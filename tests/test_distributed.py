@@ -10,15 +10,14 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_EXPERIMENT, tiny_config, with_tokenizer
+from conftest import ROOT, TINY_EXPERIMENT, compile_programs, make_mesh, tiny_config
 
 from gptjax import checkpoint as ckpt_lib
+from gptjax import config as config_lib
 from gptjax import datasets
 from gptjax import sharding
-from gptjax import train as train_lib
 from gptjax import workdir as workdir_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _free_port() -> int:
@@ -43,11 +42,10 @@ def _launch_two(experiment, workdir, *overrides):
 
 
 @pytest.mark.slow
-def test_two_processes_train_checkpoint_resume_and_match_one(tmp_path, tfds_data_dir,
-                                                             tiny_tokenizer_file):
+def test_two_processes_train_checkpoint_resume_and_match_one(tmp_path, tfds_data_dir):
   experiment = tmp_path / "tiny.py"
   experiment.write_text(TINY_EXPERIMENT)
-  workdir = with_tokenizer(tmp_path / "run", tiny_tokenizer_file)
+  workdir = tmp_path / "run"  # No tokenizer: process 0 trains it while process 1 waits.
   flags = [f"--config.data.data_dir={tfds_data_dir}"]
   outs = _launch_two(experiment, workdir, *flags, "--config.train.steps=2")
   assert "Done: pretrain at step 2" in outs[0]
@@ -58,9 +56,9 @@ def test_two_processes_train_checkpoint_resume_and_match_one(tmp_path, tfds_data
   assert len(losses) == 4
 
   # One process on 4 devices, fed the global batches the two processes assembled.
-  config = tiny_config(tfds_data_dir)
-  mesh = sharding.make_mesh({"data": 4, "fsdp": 1, "tensor": 1}, jax.devices()[:4])
-  programs = train_lib.compile_programs(config, mesh)
+  config = config_lib.stage_config(tiny_config(tfds_data_dir))
+  mesh = make_mesh(data=4)
+  programs = compile_programs(config, mesh)
   tokenizer = workdir_lib.load_tokenizer(str(workdir))
   shards = [iter(datasets.train_dataset(config, tokenizer, batch_size=4, shard_index=i,
                                         shard_count=2)[0]) for i in range(2)]
@@ -69,14 +67,14 @@ def test_two_processes_train_checkpoint_resume_and_match_one(tmp_path, tfds_data
   for _ in range(4):
     parts = [next(s) for s in shards]
     batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    state, metrics = programs.train_step(state, train_lib.global_batch(batch,
+    state, metrics = programs.train_step(state, sharding.global_batch(batch,
                                                                        programs.batch_sharding))
     expected.append(float(metrics["loss"]))
   np.testing.assert_allclose(losses, expected, rtol=1e-5)
 
   # The 2-process checkpoint restores in this one process, onto one device.
-  one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  one = make_mesh()
   checkpoints = ckpt_lib.Checkpoints(str(workdir / "checkpoints"), read_only=True)
-  restored = checkpoints.restore(4, train_lib.compile_programs(config, one).abstract_state())
+  restored = checkpoints.restore(4, compile_programs(config, one).abstract_state())
   for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

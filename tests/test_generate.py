@@ -2,10 +2,7 @@
 
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -13,21 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import gptjax, make_mesh
+
 from gptjax.bench import probes
 from gptjax import config as config_lib
 from gptjax import generate
 from gptjax import model as model_lib
 from gptjax import sharding
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(vocab_size=61, num_layers=2, num_heads=2, d_model=32, d_ff=64, max_len=32)
 RULES = config_lib.base_config().mesh.rules
 GREEDY = generate.Sampling(max_new_tokens=12, temperature=0)
 SAMPLED = generate.Sampling(max_new_tokens=12, temperature=1.0, top_p=1.0, seed=3)
-
-
-def _one_device_mesh():
-  return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
 
 
 def _tiny(seed=0, **knobs):
@@ -40,7 +34,7 @@ def _tiny(seed=0, **knobs):
 def _generator(model=None, params=None, *, mesh=None, stop_ids=(), **knobs):
   if model is None:
     model, params = _tiny(**knobs)
-  return generate.Generator(model, params, mesh or _one_device_mesh(), RULES, stop_ids=stop_ids)
+  return generate.Generator(model, params, mesh or make_mesh(), RULES, stop_ids=stop_ids)
 
 
 def _prompts(lengths, seed=0):
@@ -235,7 +229,7 @@ def test_streaming_in_chunks_gives_the_one_call_tokens():
 def test_a_sharded_mesh_gives_the_one_device_tokens():
   model, params = _tiny(vocab_size=64)  # Divisible by the tensor axis.
   params = jax.device_get(nn.unbox(params))
-  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  mesh = make_mesh(2, 2, 2)
   boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
   sharded = jax.device_put(params, sharding.logical_shardings(boxed, mesh, RULES))
   assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
@@ -248,10 +242,6 @@ def test_a_sharded_mesh_gives_the_one_device_tokens():
 
 # ----------------------------------------------------------------------------- the command
 
-
-def gptjax(*args):
-  return subprocess.run([sys.executable, "-m", "gptjax", *args], capture_output=True,
-                        text=True, cwd=ROOT, timeout=600)
 
 
 @pytest.mark.slow

@@ -7,14 +7,11 @@ backend (the CPU flags of gptjax/host.py are on under pytest too).
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import compile_programs, make_mesh, tiny_config
 
-from gptjax import model as model_lib
 from gptjax import sharding
-from gptjax import train as train_lib
 
 # Step i's metrics are taken before its update: index 0 is the freshly initialised model.
 GOLDEN = {
@@ -63,10 +60,10 @@ def run_golden(steps: int = 5, **model_overrides) -> dict:
   """Metrics of the first `steps` train steps of golden_config() on golden_batch()."""
   config = golden_config()
   config.model.update(model_overrides)
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  programs = train_lib.compile_programs(config, mesh)
+  mesh = make_mesh()
+  programs = compile_programs(config, mesh)
   state = programs.init(jax.random.key(0))
-  batch = train_lib.global_batch(golden_batch(), programs.batch_sharding)
+  batch = sharding.global_batch(golden_batch(), programs.batch_sharding)
   history = []
   for _ in range(steps):
     state, metrics = programs.train_step(state, batch)

@@ -6,11 +6,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TINY_EXPERIMENT
+from conftest import ROOT, TINY_EXPERIMENT
 
 from gptjax import host
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_xla_flags_put_the_users_own_flags_last():

@@ -70,15 +70,23 @@ def test_scanned_and_unscanned_parameters_have_the_same_count():
 
 def test_every_parameter_has_logical_axis_names():
   import flax.linen as nn
+
+  from gptjax import config as config_lib
+  rules = dict(config_lib.base_config().mesh.rules)
   for scan in (False, True):
     cfg = model_lib.ModelConfig(**TINY, scan_layers=scan, use_bias=True, tie_embeddings=False)
     boxed = jax.eval_shape(model_lib.Transformer(cfg).init, jax.random.key(0),
-                           jnp.zeros((1, 16), jnp.int32))
-    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
-    if scan:
-      assert all(x.names[0] == "layers" for x in leaves if x.value.ndim > 2
-                 or (x.value.ndim == 2 and x.names[0] == "layers"))
+                           jnp.zeros((1, 16), jnp.int32))["params"]
+    leaves = jax.tree_util.tree_leaves_with_path(
+        boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert len(leaves) > 10
+    for path, x in leaves:
+      name = jax.tree_util.keystr(path)
+      assert isinstance(x, nn.Partitioned), f"{name} has no logical axis names"
+      assert len(x.names) == x.value.ndim and any(x.names), name
+      assert all(n is None or n in rules for n in x.names), f"{name}: {x.names} not in the rules"
+      # Scanned blocks stack their layers on a leading "layers" axis; nothing else has one.
+      assert (x.names[0] == "layers") == (scan and name.startswith("['blocks']")), name
 
 
 def test_bad_knob_is_a_clear_error():

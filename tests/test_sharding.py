@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from conftest import compile_programs
+
 from gptjax import sharding
 
 
@@ -35,12 +37,11 @@ def test_a_rule_that_does_not_divide_a_dimension_names_the_parameter():
 def _state_on(shape):
   from conftest import tiny_config
 
-  from gptjax import train as train_lib
   config = tiny_config()
   config.model.update(num_heads=4, d_model=64, d_ff=128)
   n = shape[0] * shape[1] * shape[2]
   mesh = sharding.make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)), jax.devices()[:n])
-  return train_lib.compile_programs(config, mesh).init(jax.random.key(0))
+  return compile_programs(config, mesh).init(jax.random.key(0))
 
 
 def _bytes_on_device(state, device) -> int:
@@ -75,13 +76,14 @@ def test_bytes_per_device_fall_with_fsdp_times_tensor(shape):
 def test_bench_memory_reports_bytes_per_device_from_the_compiled_step():
   from conftest import tiny_config
 
+  from gptjax import config as config_lib
   from gptjax.bench import memory as bench_memory
 
   def report(mesh):
     config = tiny_config()
     config.model.update(num_heads=4, d_model=64, d_ff=128)
     config.mesh.update(mesh)
-    return bench_memory.run(config=config)
+    return bench_memory.run(config=config_lib.stage_config(config))
 
   replicated = report({"data": 8, "fsdp": 1, "tensor": 1})
   sharded = report({"data": 1, "fsdp": 8, "tensor": 1})

@@ -2,22 +2,20 @@
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config, tiny_dialogue_config, with_tokenizer, write_chats
+from conftest import (ROOT, TINY_EXPERIMENT, compile_programs, gptjax, make_mesh, run_pipeline,
+                      run_stage, tiny_config, tiny_dialogue_config, with_tokenizer, write_chats)
 
 from gptjax import checkpoint as ckpt_lib
 from gptjax import evaluate
 from gptjax import pipeline
-from gptjax import sharding
 from gptjax import train as train_lib
 from gptjax import workdir as workdir_lib
 
-
-def _mesh():
-  return sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 1}, jax.devices()[:2])
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +24,7 @@ def pretrained(tmp_path_factory, tfds_data_dir, tiny_tokenizer_file):
   workdir = with_tokenizer(tmp_path_factory.mktemp("pretrain") / "run", tiny_tokenizer_file)
   config = tiny_config(tfds_data_dir)
   config.train.steps = 3
-  train_lib.train(config, str(workdir), mesh=_mesh(), progress=False)
+  run_stage(config, str(workdir), mesh=make_mesh(data=2))
   return str(workdir)
 
 
@@ -38,7 +36,7 @@ def chats(tmp_path):
 def _params(workdir, step=None):
   config = workdir_lib.read_config(workdir)
   checkpoints = ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True)
-  abstract = train_lib.compile_programs(config, _mesh()).abstract_state().params
+  abstract = compile_programs(config, make_mesh(data=2)).abstract_state().params
   return checkpoints.restore_params(checkpoints.resolve(step), abstract)
 
 
@@ -52,7 +50,7 @@ def test_handoff_restores_exactly_the_pretrained_parameters(pretrained, chats, t
   config.init_from = pretrained
   config.train.update(steps=1, learning_rate=0.0)  # An update of zero: params stay as loaded.
   workdir = str(tmp_path / "dialogue")
-  result = train_lib.train(config, workdir, mesh=_mesh(), progress=False)
+  result = run_stage(config, workdir, mesh=make_mesh(data=2))
   assert int(result.state.step) == 1, "the step counter starts fresh"
   _assert_same(result.state.params, _params(pretrained))
   recorded = workdir_lib.read_config(workdir)
@@ -63,7 +61,7 @@ def test_handoff_restores_exactly_the_pretrained_parameters(pretrained, chats, t
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert {"loss", "assistant_loss"} <= set(rows[0]) and rows[0]["stage"] == "dialogue"
   assert {"loss", "assistant_loss"} <= set(rows[-1]) and rows[-1]["split"] == "eval"
-  metrics = evaluate.eval_workdir(workdir, split=chats[0], mesh=_mesh())
+  metrics = evaluate.eval_workdir(workdir, split=chats[0], mesh=make_mesh(data=2))
   assert metrics["split"] == chats[0] and metrics["assistant_tokens"] < metrics["tokens"]
   assert metrics["assistant_loss"] > 0
 
@@ -73,7 +71,7 @@ def test_handoff_refuses_another_model_shape(pretrained, chats, tmp_path):
   config.init_from = pretrained
   config.model.d_ff = 128
   with pytest.raises(ValueError, match=r"another model shape \(model.d_ff: 64 -> 128\)"):
-    train_lib.train(config, str(tmp_path / "dialogue"), mesh=_mesh(), progress=False)
+    run_stage(config, str(tmp_path / "dialogue"), mesh=make_mesh(data=2))
   assert not (tmp_path / "dialogue").exists()
 
 
@@ -87,19 +85,47 @@ def test_handoff_refuses_another_tokenizer(pretrained, chats, tmp_path):
   config = tiny_dialogue_config(*chats)
   config.init_from = pretrained
   with pytest.raises(ValueError, match="differs from the tokenizer of init_from"):
-    train_lib.train(config, str(workdir), mesh=_mesh(), progress=False)
+    run_stage(config, str(workdir), mesh=make_mesh(data=2))
 
 
 def test_a_resumed_dialogue_run_equals_an_uninterrupted_one(pretrained, chats, tmp_path):
   config = tiny_dialogue_config(*chats)
   config.init_from = pretrained
-  straight = train_lib.train(config, str(tmp_path / "a"), mesh=_mesh(), progress=False)
+  straight = run_stage(config, str(tmp_path / "a"), mesh=make_mesh(data=2))
   config.train.steps = 2
-  train_lib.train(config, str(tmp_path / "b"), mesh=_mesh(), progress=False)
+  run_stage(config, str(tmp_path / "b"), mesh=make_mesh(data=2))
   config.train.steps = 4
-  resumed = train_lib.train(config, str(tmp_path / "b"), mesh=_mesh(), progress=False)
+  resumed = run_stage(config, str(tmp_path / "b"), mesh=make_mesh(data=2))
   assert int(resumed.state.step) == 4, "it resumes its own run, not the pretraining one"
   _assert_same(resumed.state.params, straight.state.params)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_the_provenance_it_started_with(pretrained, chats, tmp_path,
+                                                           tfds_data_dir):
+  # init_from relative, step "latest": resolved once to an absolute path and a step number.
+  source = tmp_path / "pretrain"
+  shutil.copytree(pretrained, source)
+  workdir = tmp_path / "dialogue"
+  flags = ["--config.stage=dialogue", "--config.data.kind=dialogue",
+           f"--config.data.train_files={chats[0]}", f"--config.data.eval_files={chats[1]}",
+           f"--config.init_from={os.path.relpath(source, ROOT)}"]
+  experiment = tmp_path / "tiny.py"
+  experiment.write_text(TINY_EXPERIMENT)
+  gptjax("train", "--config", experiment, "--workdir", workdir, "--config.train.steps=2",
+         *flags, check=True)
+  first = workdir_lib.read_config(str(workdir))
+  assert (first.init_from, first.init_from_step) == (str(source), "3")
+  # The source trains on: its latest is now step 5. A resume (a fresh process, the same
+  # relative flags) continues the run from its own checkpoint and keeps what it recorded.
+  config = tiny_config(tfds_data_dir)
+  config.train.steps = 5
+  run_stage(config, source, mesh=make_mesh(data=2))
+  gptjax("train", "--config", experiment, "--workdir", workdir, "--config.train.steps=4",
+         *flags, check=True)
+  resumed = workdir_lib.read_config(str(workdir))
+  assert (resumed.init_from, resumed.init_from_step) == (str(source), "3")
+  assert resumed.train.steps == 4
 
 
 @pytest.mark.parametrize("trainable, scan", [("top:1", False), ("top:1", True),
@@ -108,8 +134,8 @@ def test_frozen_parameters_do_not_move(pretrained, chats, tmp_path, trainable, s
   config = tiny_dialogue_config(*chats)
   config.model.scan_layers = scan
   config.train.update(trainable=trainable, steps=2)
-  result = train_lib.train(config, str(tmp_path / "run"), mesh=_mesh(), progress=False)
-  programs = train_lib.compile_programs(config, _mesh())
+  result = run_stage(config, str(tmp_path / "run"), mesh=make_mesh(data=2))
+  programs = compile_programs(config, make_mesh(data=2))
   initial = jax.device_get(programs.init(jax.random.key(config.train.seed)).params)
   final = jax.device_get(result.state.params)
   if trainable == "no_embed":
@@ -134,7 +160,7 @@ def test_bad_trainable_is_a_clear_error(chats, tmp_path):
   config = tiny_dialogue_config(*chats)
   config.train.trainable = "top:5"
   with pytest.raises(ValueError, match=r"train.trainable='top:5'.*N <= 2 layers"):
-    train_lib.train(config, str(tmp_path / "run"), mesh=_mesh(), progress=False)
+    run_stage(config, str(tmp_path / "run"), mesh=make_mesh(data=2))
 
 
 def test_early_stopping_stops_and_keeps_the_best(chats, tmp_path, monkeypatch):
@@ -144,13 +170,13 @@ def test_early_stopping_stops_and_keeps_the_best(chats, tmp_path, monkeypatch):
   config = tiny_dialogue_config(*chats)
   config.train.update(steps=6, eval_every=1, checkpoint_every=100, patience=2, max_to_keep=1)
   workdir = str(tmp_path / "run")
-  result = train_lib.train(config, workdir, mesh=_mesh(), progress=False)
+  result = run_stage(config, workdir, mesh=make_mesh(data=2))
   assert result.stopped_early and int(result.state.step) == 4
   assert result.best_step == 2
   checkpoints = ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True)
   assert checkpoints.all_steps() == [2, 4]  # Latest (max_to_keep=1) and the best.
   assert checkpoints.resolve("best") == 2
-  again = train_lib.train(config, workdir, mesh=_mesh(), progress=False)
+  again = run_stage(config, workdir, mesh=make_mesh(data=2))
   assert again.stopped_early and int(again.state.step) == 4, "a rerun stays stopped"
 
 
@@ -167,24 +193,24 @@ def test_pipeline_runs_both_stages_and_does_not_redo_finished_ones(tfds_data_dir
   config.dialogue.train.steps = 2
   config.num_samples = 2
   workdir = str(tmp_path / "demo")
-  results = pipeline.run(config, workdir, mesh=_mesh(), progress=False)
+  results = run_pipeline(config, workdir, mesh=make_mesh(data=2))
   assert set(results) == {"pretrain", "dialogue"}
   assert workdir_lib.read_config(os.path.join(workdir, "dialogue")).init_from == \
       os.path.join(workdir, "pretrain")
-  pipeline.print_samples(config, workdir)
+  pipeline.print_samples(pipeline.pipeline_config(config), workdir)
   out = capsys.readouterr().out
   assert out.count("--- held-out conversation") == 2 and "model:" in out
 
   config.dialogue.train.steps = 3  # A finished stage is not redone, even if asked for more.
-  assert pipeline.run(config, workdir, mesh=_mesh(), progress=False) == {}
+  assert run_pipeline(config, workdir, mesh=make_mesh(data=2)) == {}
 
 
 def test_handoff_restores_onto_another_mesh(pretrained, chats, tmp_path):
   config = tiny_dialogue_config(*chats)
   config.init_from = pretrained  # Trained on (data=2, fsdp=1, tensor=1).
   config.train.update(steps=1, learning_rate=0.0)
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, jax.devices()[:4])
-  result = train_lib.train(config, str(tmp_path / "dialogue"), mesh=mesh, progress=False)
+  mesh = make_mesh(fsdp=2, tensor=2)
+  result = run_stage(config, str(tmp_path / "dialogue"), mesh=mesh)
   qkv = result.state.params["block_0"]["attn"]["qkv"]
   assert qkv.sharding.mesh.shape == mesh.shape and len(qkv.sharding.device_set) == 4
   _assert_same(result.state.params, _params(pretrained))

@@ -1,5 +1,6 @@
 """The train step and loop: learning, sharding, accumulation, resume, failure handling."""
 
+import functools
 import json
 import os
 import shutil
@@ -7,17 +8,13 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import compile_programs, make_mesh, run_stage, tiny_config
 
 from gptjax import checkpoint as ckpt_lib
 from gptjax import data as data_lib
 from gptjax import sharding
 from gptjax import train as train_lib
 
-
-def _mesh(data=1, fsdp=1, tensor=1):
-  n = data * fsdp * tensor
-  return sharding.make_mesh({"data": data, "fsdp": fsdp, "tensor": tensor}, jax.devices()[:n])
 
 
 def _batch(seed=0, batch=8, length=32, vocab=384):
@@ -33,10 +30,10 @@ def _batch(seed=0, batch=8, length=32, vocab=384):
 
 
 def _step(config, mesh, batch, steps=1):
-  programs = train_lib.compile_programs(config, mesh)
+  programs = compile_programs(config, mesh)
   state = programs.init(jax.random.key(0))
   for _ in range(steps):
-    state, metrics = programs.train_step(state, train_lib.global_batch(batch,
+    state, metrics = programs.train_step(state, sharding.global_batch(batch,
                                                                        programs.batch_sharding))
   return jax.device_get(state), jax.device_get(metrics)
 
@@ -44,9 +41,9 @@ def _step(config, mesh, batch, steps=1):
 def test_tiny_model_overfits_one_batch():
   config = tiny_config()
   config.train.update(steps=80, warmup_steps=5, learning_rate=1e-2)
-  programs = train_lib.compile_programs(config, _mesh())
+  programs = compile_programs(config, make_mesh())
   state = programs.init(jax.random.key(0))
-  batch = train_lib.global_batch(_batch(), programs.batch_sharding)
+  batch = sharding.global_batch(_batch(), programs.batch_sharding)
   losses = []
   for _ in range(80):
     state, metrics = programs.train_step(state, batch)
@@ -60,8 +57,8 @@ def test_sharded_step_matches_one_device(shape):
   config = tiny_config()
   config.model.num_heads = 4  # Divisible by tensor=4.
   batch = _batch()
-  one_state, one_metrics = _step(config, _mesh(), batch, steps=2)
-  state, metrics = _step(config, _mesh(*shape), batch, steps=2)
+  one_state, one_metrics = _step(config, make_mesh(), batch, steps=2)
+  state, metrics = _step(config, make_mesh(*shape), batch, steps=2)
   np.testing.assert_allclose(metrics["loss"], one_metrics["loss"], rtol=1e-5)
   np.testing.assert_allclose(metrics["grad_norm"], one_metrics["grad_norm"], rtol=1e-4)
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(one_state.params)):
@@ -70,7 +67,7 @@ def test_sharded_step_matches_one_device(shape):
 
 def test_parameters_are_laid_out_by_the_rules():
   config = tiny_config()
-  programs = train_lib.compile_programs(config, _mesh(2, 2, 2))
+  programs = compile_programs(config, make_mesh(2, 2, 2))
   state = programs.init(jax.random.key(0))
   qkv = state.params["block_0"]["attn"]["qkv"]  # [D=32, 3, H=2, K=16]: embed->fsdp, heads->tensor.
   assert qkv.addressable_shards[0].data.shape == (16, 3, 1, 16)
@@ -78,12 +75,39 @@ def test_parameters_are_laid_out_by_the_rules():
   assert mu.sharding == qkv.sharding
 
 
-def test_grad_accumulation_equals_the_whole_batch():
+def test_grad_norm_is_the_norm_that_clipping_sees():
+  # With frozen embeddings the logged norm is that of the trainable gradients only.
+  import optax
+
+  from gptjax import optim
+  from gptjax import steps as steps_lib
   batch = _batch()
   config = tiny_config()
-  full_state, full = _step(config, _mesh(2, 1, 1), batch)
+  config.train.trainable = "no_embed"
+  programs = compile_programs(config, make_mesh())
+  state = programs.init(jax.random.key(0))
+  grads, _ = jax.grad(functools.partial(steps_lib._loss_sums, model=programs.model, rng=None,
+                                        train=False), has_aux=True)(state.params, batch)
+  weight = batch["weights"].sum()
+  trainable = optim.mask_frozen(grads, "no_embed", 2)
+  _, metrics = programs.train_step(state, sharding.global_batch(batch, programs.batch_sharding))
+  np.testing.assert_allclose(metrics["grad_norm"], optax.global_norm(trainable) / weight,
+                             rtol=1e-4)
+  assert optax.global_norm(grads) > 1.01 * optax.global_norm(trainable)
+
+
+def test_grad_accumulation_equals_the_whole_batch():
+  # Uneven weights: even rows (micro-batch 0) are mostly padding, odd rows (micro-batch 1)
+  # are full, so a mean of the micro-batches' mean losses is not the batch's mean loss.
+  batch = _batch()
+  batch["weights"][::2, 4:] = 0.0
+  config = tiny_config()
+  full_state, full = _step(config, make_mesh(2), batch)
+  halves = [_step(config, make_mesh(2), {k: v[i::2] for k, v in batch.items()})[1]["loss"]
+            for i in (0, 1)]
+  assert abs(np.mean(halves) - full["loss"]) > 1e-3, "the test must tell the two apart"
   config.train.grad_accum_steps = 2
-  acc_state, acc = _step(config, _mesh(2, 1, 1), batch)
+  acc_state, acc = _step(config, make_mesh(2), batch)
   np.testing.assert_allclose(acc["loss"], full["loss"], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(acc_state.params), jax.tree.leaves(full_state.params)):
     np.testing.assert_allclose(a, b, atol=1e-6)
@@ -97,12 +121,12 @@ def _train_rows(workdir):
 
 def test_resume_equals_an_uninterrupted_run(tfds_data_dir, workdir, tmp_path):
   config = tiny_config(tfds_data_dir)
-  straight = train_lib.train(config, workdir, mesh=_mesh(2), progress=False)
+  straight = run_stage(config, workdir, mesh=make_mesh(2))
 
   resumed_dir = str(tmp_path / "resumed")
   shutil.copytree(workdir, resumed_dir)
   shutil.rmtree(os.path.join(resumed_dir, "checkpoints", "4"))  # Killed after step 2's save.
-  resumed = train_lib.train(config, resumed_dir, mesh=_mesh(2), progress=False)
+  resumed = run_stage(config, resumed_dir, mesh=make_mesh(2))
 
   assert int(resumed.state.step) == 4
   for a, b in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(straight.state)):
@@ -113,15 +137,15 @@ def test_resume_equals_an_uninterrupted_run(tfds_data_dir, workdir, tmp_path):
 
 def test_stopping_and_resuming_equals_an_uninterrupted_run(tfds_data_dir, workdir, tmp_path):
   config = tiny_config(tfds_data_dir)
-  straight = train_lib.train(config, workdir, mesh=_mesh(), progress=False)
+  straight = run_stage(config, workdir, mesh=make_mesh())
   other = str(tmp_path / "other")
   shutil.copytree(workdir, other)
   shutil.rmtree(os.path.join(other, "checkpoints"))
   os.remove(os.path.join(other, "metrics.jsonl"))
   config.train.steps = 2
-  train_lib.train(config, other, mesh=_mesh(), progress=False)
+  run_stage(config, other, mesh=make_mesh())
   config.train.steps = 4
-  resumed = train_lib.train(config, other, mesh=_mesh(), progress=False)
+  resumed = run_stage(config, other, mesh=make_mesh())
   for a, b in zip(jax.tree.leaves(resumed.state.params), jax.tree.leaves(straight.state.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -131,11 +155,11 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tfds_data_dir, 
   config.train.update(learning_rate=1e30, warmup_steps=0, grad_clip=0.0, checkpoint_every=1,
                       steps=6, log_every=1)
   with pytest.raises(train_lib.NonFiniteLossError, match=r"at step (\d+).*untouched") as e:
-    train_lib.train(config, workdir, mesh=_mesh(), progress=False)
+    run_stage(config, workdir, mesh=make_mesh())
   bad_step = int(e.value.args[0].split("at step ")[1].split(";")[0])
   checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
   assert checkpoints.latest_step() == bad_step - 1
-  programs = train_lib.compile_programs(config, _mesh())
+  programs = compile_programs(config, make_mesh())
   state = checkpoints.restore(bad_step - 1, programs.abstract_state())
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
@@ -143,12 +167,12 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tfds_data_dir, 
 def test_workdir_with_another_model_shape_is_refused(tfds_data_dir, workdir):
   config = tiny_config(tfds_data_dir)
   config.train.steps = 1
-  train_lib.train(config, workdir, mesh=_mesh(), progress=False)
+  run_stage(config, workdir, mesh=make_mesh())
   with open(os.path.join(workdir, "config.json")) as f:
     before = f.read()
   config.model.num_layers = 3
   with pytest.raises(ValueError, match=r"model.num_layers: 2 -> 3.*new --workdir"):
-    train_lib.train(config, workdir, mesh=_mesh(), progress=False)
+    run_stage(config, workdir, mesh=make_mesh())
   with open(os.path.join(workdir, "config.json")) as f:
     assert f.read() == before, "a refused config must not overwrite config.json"
 
@@ -163,7 +187,7 @@ def test_bad_config_is_refused_before_anything_is_written(change, message, tmp_p
   config = tiny_config()
   change(config)
   with pytest.raises(ValueError, match=message):
-    train_lib.train(config, str(tmp_path / "run"), mesh=_mesh(4), progress=False)
+    run_stage(config, str(tmp_path / "run"), mesh=make_mesh(4))
   assert not (tmp_path / "run").exists()
 
 
@@ -172,5 +196,5 @@ def test_missing_dataset_names_the_dataset_and_the_prepare_command(tmp_path):
   config.data.dataset = "no_such_dataset"
   with pytest.raises(data_lib.DatasetNotFoundError,
                      match=r"no_such_dataset.*gptjax prepare --dataset no_such_dataset"):
-    train_lib.train(config, str(tmp_path / "run"), mesh=_mesh(), progress=False)
+    run_stage(config, str(tmp_path / "run"), mesh=make_mesh())
   assert not (tmp_path / "run").exists()

@@ -13,13 +13,14 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from gptjax import config as config_lib
 from gptjax import generate as generate_lib
-from gptjax import train as train_lib
+from gptjax import steps as steps_lib
 from gptjax.bench import flops as flops_lib
 from gptjax.bench import probes
+from gptjax.errors import UserError
 
 
 def _params_bytes(params) -> int:
@@ -33,7 +34,7 @@ def decode(generator: generate_lib.Generator, *, batch_sizes=(1, 8), prompt_len:
   prompt_len = prompt_len or max(1, cfg.max_len // 4)
   new_tokens = new_tokens or max(2, min(cfg.max_len // 2, cfg.max_len - prompt_len))
   if prompt_len + new_tokens > cfg.max_len:
-    raise ValueError(f"prompt_len={prompt_len} + new_tokens={new_tokens} exceeds the model's "
+    raise UserError(f"prompt_len={prompt_len} + new_tokens={new_tokens} exceeds the model's "
                      f"max_len={cfg.max_len}; lower one of them.")
   rate = probes.matmul_gflops()
   sampling = generate_lib.Sampling(max_new_tokens=new_tokens, temperature=0)
@@ -98,15 +99,15 @@ def decode(generator: generate_lib.Generator, *, batch_sizes=(1, 8), prompt_len:
 
 
 
-def generator_from_config(config: ml_collections.ConfigDict) -> generate_lib.Generator:
+def generator_from_config(config: config_lib.StageConfig) -> generate_lib.Generator:
   """A Generator with freshly initialised parameters: speed does not depend on training."""
-  programs = train_lib.programs_for(config)
+  programs = steps_lib.programs_for(config)
   params = programs.init(jax.random.key(config.train.seed)).params
   return generate_lib.Generator(programs.model, params, programs.mesh, programs.rules,
                                 stop_ids=())
 
 
-def run(*, workdir: str | None = None, config: ml_collections.ConfigDict | None = None,
+def run(*, workdir: str | None = None, config: config_lib.StageConfig | None = None,
         step: int | str | None = None, **unused_flags) -> dict:
   """The decode benchmark on a trained run (`workdir`) or on random weights (`config`)."""
   if workdir:
@@ -114,7 +115,7 @@ def run(*, workdir: str | None = None, config: ml_collections.ConfigDict | None 
   elif config is not None:
     generator = generator_from_config(config)
   else:
-    raise ValueError("`bench decode` needs --workdir DIR (a trained run) or --config FILE "
+    raise UserError("`bench decode` needs --workdir DIR (a trained run) or --config FILE "
                      "(random weights of that model).")
   return decode(generator)
 

@@ -6,11 +6,11 @@ compiled step's memory analysis, against the device's memory where it reports on
 import time
 
 import jax
-import ml_collections
 import numpy as np
 
+from gptjax import config as config_lib
 from gptjax import data as data_lib
-from gptjax import train as train_lib
+from gptjax import steps as steps_lib
 from gptjax import workdir as workdir_lib
 
 
@@ -20,14 +20,14 @@ def _bytes_per_device(tree) -> int:
              for x in jax.tree.leaves(tree))
 
 
-def run(*, workdir: str | None = None, config: ml_collections.ConfigDict | None = None,
+def run(*, workdir: str | None = None, config: config_lib.StageConfig | None = None,
         step=None, **unused_flags) -> dict:
   """Bytes per device of a config's train step on this machine's devices, from the compiled
   step's memory analysis: will the run fit before it is launched?"""
   del step
   if config is None:
     config = workdir_lib.read_config(workdir)
-  programs = train_lib.programs_for(config)
+  programs = steps_lib.programs_for(config)
   state = programs.abstract_state()
   keys = dict(data_lib.ROW_DTYPES)
   if config.data.kind == "dialogue":

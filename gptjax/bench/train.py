@@ -18,17 +18,19 @@ import sys
 import time
 
 import jax
-import ml_collections
 import numpy as np
 
+from gptjax import config as config_lib
 from gptjax import host
+from gptjax import sharding
 from gptjax import model as model_lib
-from gptjax import train as train_lib
+from gptjax import steps as steps_lib
 from gptjax.bench import flops as flops_lib
 from gptjax.bench import probes
+from gptjax.errors import UserError
 
 
-def random_batch(config: ml_collections.ConfigDict, rows: int, seed: int = 0) -> dict:
+def random_batch(config: config_lib.StageConfig, rows: int, seed: int = 0) -> dict:
   """`rows` rows of uniformly random tokens, one document a row: speed ignores the text."""
   length, vocab = config.data.seq_len, config.model.vocab_size
   tokens = np.random.default_rng(seed).integers(0, vocab, (rows, length + 1), dtype=np.int32)
@@ -38,12 +40,13 @@ def random_batch(config: ml_collections.ConfigDict, rows: int, seed: int = 0) ->
           "weights": np.ones((rows, length), np.float32)}
 
 
-def torch_reference(config: ml_collections.ConfigDict, steps: int) -> dict:
+def torch_reference(config: config_lib.StageConfig, steps: int) -> dict:
   """Tokens/s of the PyTorch reference step at `config`'s shape, or {"skipped": why}."""
   m = config.model
   gpt2_style = dict(positions="learned", norm="layernorm", mlp="gelu", use_bias=False,
                     tie_embeddings=True, dtype="float32", dropout=0.0)
-  different = [f"model.{k}={m[k]!r}" for k, v in gpt2_style.items() if m[k] != v]
+  different = [f"model.{k}={getattr(m, k)!r}" for k, v in gpt2_style.items()
+               if getattr(m, k) != v]
   if different:
     return {"skipped": "the PyTorch reference is a float32 GPT-2 style model only, not "
                        + ", ".join(different)}
@@ -61,18 +64,18 @@ def torch_reference(config: ml_collections.ConfigDict, steps: int) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _torch_or_skip(config: ml_collections.ConfigDict, steps: int, required: bool) -> dict:
+def _torch_or_skip(config: config_lib.StageConfig, steps: int, required: bool) -> dict:
   try:
     import torch as _  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     reference = torch_reference(config, steps)
   except ImportError:
     reference = {"skipped": "torch is not installed (pip install -e .[bench])"}
   if required and "skipped" in reference:
-    raise ValueError(f"--torch=on, but {reference['skipped']}.")
+    raise UserError(f"--torch=on, but {reference['skipped']}.")
   return reference
 
 
-def train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 2,
+def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
           torch: str = "auto") -> dict:
   """Throughput and MFU of `config`'s train step on random tokens (see the module docstring).
 
@@ -83,11 +86,11 @@ def train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 2
   # The PyTorch step first, before this process runs anything on XLA, so the two never share
   # the cores; and again after, so a drift of the machine's speed during the run shows.
   reference = None if torch == "off" else _torch_or_skip(config, steps, required=torch == "on")
-  cfg = train_lib.model_config(config)
-  programs = train_lib.programs_for(config)
+  cfg = config.model
+  programs = steps_lib.programs_for(config)
   state = programs.init(jax.random.key(config.train.seed))
   t = config.train
-  batch = train_lib.global_batch(
+  batch = sharding.global_batch(
       random_batch(config, t.batch_size // jax.process_count(), seed=jax.process_index()),
       programs.batch_sharding)
 
@@ -175,11 +178,11 @@ def train(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 2
   return result
 
 
-def run(*, workdir: str | None = None, config: ml_collections.ConfigDict | None = None,
+def run(*, workdir: str | None = None, config: config_lib.StageConfig | None = None,
         step=None, steps: int = 20, torch: str = "auto") -> dict:
   """The train benchmark of --config (a fresh model on random tokens)."""
   del step
   if config is None or workdir:
-    raise ValueError("`bench train` needs --config FILE (e.g. experiments/bench_cpu.py), not "
+    raise UserError("`bench train` needs --config FILE (e.g. experiments/bench_cpu.py), not "
                      "--workdir: it times a fresh model on random tokens.")
   return train(config, steps=steps, torch=torch)

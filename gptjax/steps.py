@@ -1,0 +1,180 @@
+"""The steps every stage shares: one pure `train_step` and one `eval_step`, compiled once
+with explicit shardings for a config on a mesh (`Programs`).
+
+Stages differ only in the batches they feed (pretraining weighs every token 1; the dialogue
+stage builds other per-token weights), never in these steps.
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from gptjax import checkpoint as ckpt_lib
+from gptjax import config as config_lib
+from gptjax import loss as loss_lib
+from gptjax import model as model_lib
+from gptjax import optim
+from gptjax import sharding
+from gptjax.errors import UserError
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def make_optimizer(t: config_lib.TrainConfig, num_layers: int):
+  return optim.make_optimizer(
+      learning_rate=t.learning_rate, warmup_steps=t.warmup_steps, steps=t.steps,
+      min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, eps=t.eps,
+      grad_clip=t.grad_clip, trainable=t.trainable, num_layers=num_layers)
+
+
+# ----------------------------------------------------------------------------- the steps
+
+
+def _loss_sums(params, batch, *, model, rng, train: bool):
+  """(objective sum, all sums): the first is what gradients are taken of."""
+  logits_BLV = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
+                           batch["positions"], deterministic=not train,
+                           rngs={"dropout": rng} if train else {})
+  sums = loss_lib.loss_sums(logits_BLV, batch)
+  return sums["loss_sum"], sums
+
+
+def train_step(state: TrainState, batch, *, model, tx, schedule, rng, grad_accum_steps: int = 1,
+               trainable: str = "all"):
+  """One optimizer step on a global batch: (state, batch) -> (state, metrics).
+
+  With `grad_accum_steps` > 1 the batch is split into micro-batches whose gradients are
+  summed before one update; losses are sums over weighted tokens divided once by the total
+  weight, so the update equals that of the whole batch at once.
+  """
+  step_rng = jax.random.fold_in(rng, state.step)
+  grad_fn = jax.grad(functools.partial(_loss_sums, model=model, train=True), has_aux=True)
+  if grad_accum_steps == 1:
+    grads, sums = grad_fn(state.params, batch, rng=step_rng)
+  else:
+    # Row i goes to micro-batch i % A, so every device contributes to every micro-batch.
+    micro = jax.tree.map(
+        lambda x: x.reshape(-1, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
+
+    def accumulate(carry, xs):
+      i, mb = xs
+      return jax.tree.map(jnp.add, carry,
+                          grad_fn(state.params, mb, rng=jax.random.fold_in(step_rng, i))), None
+
+    zeros = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro),
+                           rng=step_rng)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), zeros)
+    (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
+  denom = jnp.maximum(sums["weight_sum"], 1.0)
+  grads = jax.tree.map(lambda g: g / denom, grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  # The norm that clipping sees: of the trainable gradients only (frozen ones are zeroed).
+  grad_norm = optax.global_norm(optim.mask_frozen(grads, trainable,
+                                                  model.cfg.num_layers))
+  metrics = {**loss_lib.means(sums), "grad_norm": grad_norm, "lr": schedule(state.step)}
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch, *, model):
+  """Loss sums over one eval batch (see loss.loss_sums)."""
+  return _loss_sums(params, batch, model=model, rng=None, train=False)[1]
+
+
+# ----------------------------------------------------------------------------- compiling
+
+
+@dataclasses.dataclass
+class Programs:
+  """A model and optimizer bound to a mesh: sharded init, train and eval steps."""
+  model: model_lib.Transformer
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  state_shardings: Any
+  batch_sharding: jax.sharding.NamedSharding
+  init: Any  # rng -> TrainState, created directly sharded.
+  train_step: Any  # (state, batch) -> (state, metrics), state donated.
+  eval_step: Any  # (params, batch) -> sums.
+
+  def abstract_state(self):
+    """The state's shapes and shardings, without allocating it."""
+    shapes = jax.eval_shape(self.init, jax.random.key(0))
+    return ckpt_lib.abstract_like(shapes, self.state_shardings)
+
+
+def compile_programs(config: config_lib.StageConfig, mesh: jax.sharding.Mesh) -> Programs:
+  """Builds the model, optimizer and jitted steps for `config` on `mesh`."""
+  model = model_lib.Transformer(config.model)
+  tx, schedule = make_optimizer(config.train, config.model.num_layers)
+  rules = sharding.rules_tuple(config.mesh.rules)
+  seq_len = config.data.seq_len
+
+  def init_boxed(rng):
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    params = model.init({"params": rng, "dropout": rng}, tokens)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  # Optimizer moments inherit their parameter's logical names, so they shard the same way.
+  boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+  state_shardings = sharding.logical_shardings(boxed, mesh, rules)
+  sharding.check_divisible(nn.unbox(boxed), state_shardings, mesh)
+
+  def init(rng):
+    return nn.unbox(init_boxed(rng))
+
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  dropout_rng = jax.random.key(config.train.seed + 1)
+  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, rng=dropout_rng,
+                           grad_accum_steps=config.train.grad_accum_steps,
+                           trainable=config.train.trainable)
+  return Programs(
+      model=model, mesh=mesh, rules=rules, state_shardings=state_shardings,
+      batch_sharding=batch_sharding,
+      init=jax.jit(sharding.under_mesh(init, mesh, rules), out_shardings=state_shardings),
+      train_step=jax.jit(sharding.under_mesh(step, mesh, rules),
+                         in_shardings=(state_shardings, batch_sharding),
+                         out_shardings=(state_shardings, replicated), donate_argnums=0),
+      eval_step=jax.jit(sharding.under_mesh(functools.partial(eval_step, model=model), mesh, rules),
+                        in_shardings=(state_shardings.params, batch_sharding),
+                        out_shardings=replicated),
+  )
+
+
+def programs_for(config: config_lib.StageConfig) -> Programs:
+  """`config`'s programs on a mesh of this machine's devices, once the config is checked."""
+  mesh = sharding.make_mesh(config.mesh.sizes)
+  validate(config, mesh)
+  return compile_programs(config, mesh)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def validate(config: config_lib.StageConfig, mesh: jax.sharding.Mesh):
+  """Raises a one-line, actionable error for a config that cannot run on `mesh` (the checks
+  that need no mesh ran when the StageConfig was built)."""
+  t = config.train
+  dp = sharding.data_parallel_size(mesh)
+  if t.batch_size % dp:
+    raise UserError(f"train.batch_size={t.batch_size} is not divisible by the data-parallel "
+                    f"size {dp} (mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); "
+                    f"use a multiple of {dp}.")
+  if t.batch_size % jax.process_count():
+    raise UserError(f"train.batch_size={t.batch_size} is not divisible by the "
+                    f"{jax.process_count()} processes; use a multiple of it.")
+  if (t.batch_size // dp) % t.grad_accum_steps:
+    raise UserError(f"train.grad_accum_steps={t.grad_accum_steps} does not divide the "
+                    f"{t.batch_size // dp} rows each data-parallel shard holds; choose a "
+                    "divisor.")
