@@ -271,23 +271,23 @@ def cmd_bench(kind: str | None = None):
                              steps=_BENCH_STEPS.value, torch=_TORCH.value), indent=2))
 
 
-def _host_config():
+def _host_config() -> dict:
   """`config.host` of --config (of its first stage for a pipeline), else of --workdir's run,
   else the defaults: the process settings gptjax/host.py applies before anything runs."""
   from gptjax import config as config_lib  # pylint: disable=g-import-not-at-top
   from gptjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
+  host = config_lib.base_config().host.to_dict()
   config = _CONFIG.value
   if config is not None and "stages" in config and config.stages:
-    config = config[config.stages[0]]
-  if config is None and _WORKDIR.value:
-    try:
-      config = workdir_lib.read_config(_WORKDIR.value)
-    except ValueError:
-      config = None  # The command itself says what is wrong with the workdir.
-  host = config_lib.base_config().host
+    config = config.get(config.stages[0])
   if config is not None and "host" in config:
-    host.update(config.host)
+    host.update(config.host.to_dict())
+  elif config is None and _WORKDIR.value:
+    try:
+      host.update(vars(workdir_lib.read_config(_WORKDIR.value).host))
+    except ValueError:
+      pass  # The command itself says what is wrong with the workdir.
   return host
 
 
@@ -333,7 +333,7 @@ def main(argv):
 
   # First, before jax starts: this may re-execute the command (gptjax/host.py).
   host = _host_config()
-  host_lib.apply(host.hugepages, host.xla_cpu_flags, sys.argv)
+  host_lib.apply(host["hugepages"], host["xla_cpu_flags"], sys.argv)
   from gptjax.train import NonFiniteLossError  # pylint: disable=g-import-not-at-top
 
   command = argv[1]
