@@ -103,6 +103,10 @@ def base_config() -> ml_collections.ConfigDict:
   tr.max_to_keep = 3  # Latest checkpoints kept in the workdir (plus the best by eval loss).
   tr.trainable = "all"  # "all", "no_embed" (freeze embeddings) or "top:N" (top N blocks + head).
   tr.patience = 0  # Stop after this many evals without a lower eval loss; 0 never stops.
+  # Adversarial training: "none", or "fgm" (Miyato et al. 2017): each step also takes the loss
+  # on input embeddings perturbed along the loss gradient, and trains on the mean of both.
+  tr.adversarial = "none"
+  tr.adversarial_epsilon = 1.0  # fgm: L2 norm of the perturbation over each row's [L, D].
 
   c.mesh = ms = ml_collections.ConfigDict()
   # Device mesh sizes; their product is the device count. -1 on one axis takes the rest.
@@ -135,6 +139,7 @@ def base_config() -> ml_collections.ConfigDict:
 DATA_KINDS = ("text", "dialogue")
 LONG_CONVERSATIONS = ("recent", "windows")
 TOKENIZER_TYPES = ("bpe", "unigram")
+ADVERSARIAL = ("none", "fgm")
 
 
 def _check(ok: bool, key: str, value, expected: str):
@@ -215,6 +220,8 @@ class TrainConfig:
   max_to_keep: int
   trainable: str
   patience: int
+  adversarial: str
+  adversarial_epsilon: float
 
   def __post_init__(self):
     for key in ("steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every",
@@ -229,6 +236,10 @@ class TrainConfig:
       _check(0.0 <= getattr(self, key) < 1.0, f"train.{key}", getattr(self, key),
              "a decay rate in [0, 1)")
     _check(self.eps > 0, "train.eps", self.eps, "a positive epsilon")
+    _check(self.adversarial in ADVERSARIAL, "train.adversarial", self.adversarial,
+           f"one of {ADVERSARIAL}")
+    _check(self.adversarial_epsilon >= 0, "train.adversarial_epsilon",
+           self.adversarial_epsilon, "0 or more")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -376,7 +376,10 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None,
-               deterministic: bool = True, cache: KVCache | None = None):
+               deterministic: bool = True, cache: KVCache | None = None,
+               embed_delta_BLD=None, return_hidden: bool = False):
+    """`embed_delta_BLD` is added to the input embeddings (adversarial training);
+    `return_hidden` returns the final-norm hidden states [B, L, D] instead of logits."""
     cfg = self.cfg
     B, L = tokens_BL.shape
     if segment_ids_BL is None:
@@ -395,6 +398,8 @@ class Transformer(nn.Module):
       pos_LD = _param(self, "pos_embedding", _init(cfg), (cfg.max_len, cfg.d_model),
                       ("position", "embed"), cfg.weight_dtype)
       x_BLD = x_BLD + pos_LD.astype(cfg.compute_dtype)[positions_BL]
+    if embed_delta_BLD is not None:
+      x_BLD = x_BLD + embed_delta_BLD.astype(cfg.compute_dtype)
     x_BLD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BLD)
     x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "act_length", "act_embed"))
 
@@ -420,6 +425,8 @@ class Transformer(nn.Module):
           vs.append(kv[1])
 
     x_BLD = Norm(cfg, name="norm_final")(x_BLD)
+    if return_hidden and cache is None:
+      return x_BLD.astype(jnp.float32)
     if cfg.tie_embeddings:
       head_DV = embedding_VD.T
     else:

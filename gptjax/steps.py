@@ -41,27 +41,67 @@ def make_optimizer(t: config_lib.TrainConfig, num_layers: int):
 # ----------------------------------------------------------------------------- the steps
 
 
-def _loss_sums(params, batch, *, model, rng, train: bool):
+def _loss_sums(params, batch, *, model, rng, train: bool, embed_delta_BLD=None):
   """(objective sum, all sums): the first is what gradients are taken of."""
   logits_BLV = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
                            batch["positions"], deterministic=not train,
-                           rngs={"dropout": rng} if train else {})
+                           rngs={"dropout": rng} if train else {},
+                           embed_delta_BLD=embed_delta_BLD)
   sums = loss_lib.loss_sums(logits_BLV, batch)
   return sums["loss_sum"], sums
 
 
+def fgm_perturbation(grad_BLD, epsilon: float):
+  """FGM's perturbation (Miyato et al. 2017): the loss gradient w.r.t. the input embeddings,
+  scaled to L2 norm `epsilon` over each row's [L, D] (a row of zero gradient stays zero)."""
+  g = jax.lax.stop_gradient(grad_BLD.astype(jnp.float32))
+  norm_B11 = jnp.sqrt((g * g).sum(axis=(1, 2), keepdims=True))
+  delta_BLD = epsilon * g / jnp.maximum(norm_B11, 1e-12)
+  return nn.with_logical_constraint(delta_BLD, ("batch", "act_length", "act_embed"))
+
+
+def grads_and_sums(loss_sums_fn, params, batch, rng, *, adversarial: str = "none",
+                   epsilon: float = 0.0, width: int = 0):
+  """(gradient of the summed objective, sums) of one (micro-)batch.
+
+  `loss_sums_fn(params, batch, rng, embed_delta_BLD) -> (objective sum, sums)` is the stage's
+  loss; `width` is the model's d_model. With adversarial="fgm" the objective is the mean of the clean loss and the loss on
+  embeddings perturbed by `fgm_perturbation` (the 1/2 keeps it on the plain loss's scale, so
+  epsilon 0 is the plain step): two forward and backward passes in the one compiled step, the
+  first also giving the gradient w.r.t. the embeddings, both with the same dropout mask.
+  """
+  if adversarial == "none":
+    return jax.grad(lambda p: loss_sums_fn(p, batch, rng, None), has_aux=True)(params)
+  B, L = batch["inputs"].shape
+  grad_fn = jax.grad(lambda p, d: loss_sums_fn(p, batch, rng, d), argnums=(0, 1),
+                     has_aux=True)
+  zeros_BLD = nn.with_logical_constraint(jnp.zeros((B, L, width), jnp.float32),
+                                         ("batch", "act_length", "act_embed"))
+  (clean, delta_grad_BLD), sums = grad_fn(params, zeros_BLD)
+  (adv, _), adv_sums = grad_fn(params, fgm_perturbation(delta_grad_BLD, epsilon))
+  grads = jax.tree.map(lambda a, b: 0.5 * a + 0.5 * b, clean, adv)
+  sums = {**sums, "adv_loss_sum": adv_sums["loss_sum"]}
+  return grads, sums
+
+
 def train_step(state: TrainState, batch, *, model, tx, schedule, rng, grad_accum_steps: int = 1,
-               trainable: str = "all"):
+               trainable: str = "all", adversarial: str = "none", epsilon: float = 0.0,
+               loss_sums_fn=None):
   """One optimizer step on a global batch: (state, batch) -> (state, metrics).
 
   With `grad_accum_steps` > 1 the batch is split into micro-batches whose gradients are
   summed before one update; losses are sums over weighted tokens divided once by the total
-  weight, so the update equals that of the whole batch at once.
+  weight, so the update equals that of the whole batch at once. `adversarial` / `epsilon`:
+  see `grads_and_sums`; `loss_sums_fn` replaces the language-model loss (another stage kind).
   """
   step_rng = jax.random.fold_in(rng, state.step)
-  grad_fn = jax.grad(functools.partial(_loss_sums, model=model, train=True), has_aux=True)
+  if loss_sums_fn is None:
+    loss_sums_fn = lambda p, b, r, d: _loss_sums(p, b, model=model, rng=r, train=True,  # noqa: E731
+                                                 embed_delta_BLD=d)
+  grad_fn = functools.partial(grads_and_sums, loss_sums_fn, adversarial=adversarial,
+                              epsilon=epsilon, width=model.cfg.d_model)
   if grad_accum_steps == 1:
-    grads, sums = grad_fn(state.params, batch, rng=step_rng)
+    grads, sums = grad_fn(state.params, batch, step_rng)
   else:
     # Row i goes to micro-batch i % A, so every device contributes to every micro-batch.
     micro = jax.tree.map(
@@ -70,10 +110,10 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, rng, grad_accum
     def accumulate(carry, xs):
       i, mb = xs
       return jax.tree.map(jnp.add, carry,
-                          grad_fn(state.params, mb, rng=jax.random.fold_in(step_rng, i))), None
+                          grad_fn(state.params, mb, jax.random.fold_in(step_rng, i))), None
 
     zeros = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro),
-                           rng=step_rng)
+                           step_rng)
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), zeros)
     (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
   denom = jnp.maximum(sums["weight_sum"], 1.0)
@@ -84,6 +124,8 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, rng, grad_accum
   grad_norm = optax.global_norm(optim.mask_frozen(grads, trainable,
                                                   model.cfg.num_layers))
   metrics = {**loss_lib.means(sums), "grad_norm": grad_norm, "lr": schedule(state.step)}
+  if "adv_loss_sum" in sums:
+    metrics["adv_loss"] = sums["adv_loss_sum"] / denom
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -138,7 +180,9 @@ def compile_programs(config: config_lib.StageConfig, mesh: jax.sharding.Mesh) ->
   dropout_rng = jax.random.key(config.train.seed + 1)
   step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, rng=dropout_rng,
                            grad_accum_steps=config.train.grad_accum_steps,
-                           trainable=config.train.trainable)
+                           trainable=config.train.trainable,
+                           adversarial=config.train.adversarial,
+                           epsilon=config.train.adversarial_epsilon)
   return Programs(
       model=model, mesh=mesh, rules=rules, state_shardings=state_shardings,
       batch_sharding=batch_sharding,
