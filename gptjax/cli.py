@@ -20,6 +20,8 @@
   bench    train --config experiments/NAME.py [--steps N] [--torch auto|on|off]
            Train step tokens/s, compile time and MFU (on the CPU, next to the PyTorch
            reference step's tokens/s), as JSON.
+  merge    --workdir LORA_DIR --out DIR [--step N|best] [--json]
+           Folds a LoRA run's adapters into its base; writes a plain workdir.
 
 Config overrides follow ml_collections: an unknown key or a value of the wrong type is an
 error naming the key, and nothing starts. Each command takes only its own flags (COMMANDS).
@@ -71,6 +73,7 @@ _NO_REPEAT_NGRAM_SIZE = flags.DEFINE_integer(
     "no_repeat_ngram_size", 0, "Never repeat an n-gram of this many tokens; 0: off.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "sample: completions per prompt.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed: the same seed gives the same text.")
+_OUT = flags.DEFINE_string("out", None, "merge: the new plain workdir to write.")
 _BENCH_STEPS = flags.DEFINE_integer("steps", 20, "bench train: timed steps after the warm-up.")
 _TORCH = flags.DEFINE_enum(
     "torch", "auto", ["auto", "on", "off"], "bench train: also time the PyTorch reference step "
@@ -271,6 +274,18 @@ def cmd_bench(kind: str | None = None):
                              steps=_BENCH_STEPS.value, torch=_TORCH.value), indent=2))
 
 
+def cmd_merge():
+  """Folds a LoRA run's adapters into its base and writes a plain workdir to --out."""
+  from gptjax import lora
+
+  workdir = _require(_WORKDIR, "workdir", "merge")
+  out = _require(_OUT, "out", "merge")
+  info = lora.merge_workdir(workdir, out, _step())
+  print(json.dumps(info) if _JSON.value else
+        f"Merged {workdir} step {info['step']} into its base {info['base']} (step "
+        f"{info['base_step']}): a plain workdir in {info['workdir']}.")
+
+
 def _host_config() -> dict:
   """`config.host` of --config (of its first stage for a pipeline), else of --workdir's run,
   else the defaults: the process settings gptjax/host.py applies before anything runs."""
@@ -305,6 +320,7 @@ COMMANDS = {
                             *SAMPLING_FLAGS)),
     "chat": (cmd_chat, ("workdir", "step", "system", "message", "json", *SAMPLING_FLAGS)),
     "bench": (cmd_bench, ("config", "workdir", "step", "steps", "torch")),
+    "merge": (cmd_merge, ("workdir", "out", "step", "json")),
 }
 # Commands that take one positional argument (`bench decode`).
 TAKES_ARGUMENT = {"bench"}

@@ -50,6 +50,13 @@ def base_config() -> ml_collections.ConfigDict:
   # Attention kernel: "auto" (per backend: "chunked" on the CPU, "cudnn" for bf16/fp16 on
   # NVIDIA GPUs, else "xla"), or one of them by name; all compute the same (gptjax/model.py).
   m.attention = "auto"
+  m.lora = lr = ml_collections.ConfigDict()
+  # LoRA adapters (Hu et al. 2021; gptjax/lora.py): the base weights of `init_from` stay frozen
+  # and only low-rank adapters on the target kernels train.
+  lr.rank = 0  # Adapter rank r; 0 turns LoRA off.
+  lr.alpha = 16.0  # Adapters are scaled by alpha / rank.
+  lr.dropout = 0.0  # Dropout on the adapters' input features (one mask a step; see lora.py).
+  lr.targets = "q,v"  # Comma-separated, any of q, k, v, o (attention), mlp_in, mlp_out.
 
   c.host = h = ml_collections.ConfigDict()
   # Process-level settings, applied by the command line at start (gptjax/host.py).
@@ -130,6 +137,7 @@ def base_config() -> ml_collections.ConfigDict:
       ("position", None),
       ("layers", None),
       ("norm", None),
+      ("lora_rank", None),
   )
   return c
 
@@ -243,6 +251,28 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """`config.model.lora`: low-rank adapters on frozen base weights (gptjax/lora.py)."""
+  rank: int
+  alpha: float
+  dropout: float
+  targets: str
+
+  def __post_init__(self):
+    from gptjax import lora as lora_lib  # pylint: disable=import-outside-toplevel  (imports config)
+    _check(self.rank >= 0, "model.lora.rank", self.rank, "0 (off) or a positive rank")
+    _check(self.alpha > 0, "model.lora.alpha", self.alpha, "a positive scale")
+    _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", self.dropout, "a rate in [0, 1)")
+    names = self.target_names
+    _check(bool(names) and all(n in lora_lib.TARGETS for n in names), "model.lora.targets",
+           self.targets, f"comma-separated names from {tuple(lora_lib.TARGETS)}")
+
+  @property
+  def target_names(self) -> tuple[str, ...]:
+    return tuple(t.strip() for t in self.targets.split(",") if t.strip())
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
   """`config.mesh`: device mesh sizes and the logical-axis -> mesh-axes rules table."""
   data: int
@@ -287,6 +317,7 @@ class StageConfig:
   train: TrainConfig
   mesh: MeshConfig
   host: HostConfig
+  lora: LoraConfig  # The `model.lora` keys (a group apart: ModelConfig is the modules' own).
 
   def __post_init__(self):
     if self.data.seq_len > self.model.max_len:
@@ -299,10 +330,17 @@ class StageConfig:
     _check(_trainable_ok(self.train.trainable, self.model.num_layers), "train.trainable",
            self.train.trainable, f"'all', 'no_embed' or 'top:N' with N <= "
            f"{self.model.num_layers} layers")
+    if self.lora.rank:
+      _check(bool(self.init_from), "init_from", self.init_from,
+             "the workdir of a trained base model: a LoRA stage (model.lora.rank > 0) adapts one")
+      _check(self.train.trainable == "all", "train.trainable", self.train.trainable,
+             "'all' with LoRA (only the adapters train)")
 
   def to_dict(self) -> dict:
     """The nested dict of every key (the shape of base_config().to_dict())."""
-    return dataclasses.asdict(self)
+    out = dataclasses.asdict(self)
+    out["model"]["lora"] = out.pop("lora")
+    return out
 
   def replace(self, **groups) -> "StageConfig":
     """A copy with top-level keys replaced and groups updated: replace(train={"steps": 5})."""
@@ -373,7 +411,14 @@ def stage_config(config: ml_collections.ConfigDict | Mapping) -> StageConfig:
     else:
       merged[key] = value
   top = {k: _coerce(k, merged[k], str) for k in ("stage", "init_from", "init_from_step")}
+  lora_values = base_config().model.lora.to_dict()
+  model_values = dict(merged["model"])
+  given_lora = model_values.pop("lora", {})
+  if not isinstance(given_lora, Mapping):
+    raise UserError(f"model.lora={given_lora!r} is not a group of keys; expected a dict.")
+  merged["model"] = model_values
   groups = {name: _group(cls, name, merged[name]) for name, cls in GROUPS.items()}
+  groups["lora"] = _group(LoraConfig, "model.lora", {**lora_values, **given_lora})
   return StageConfig(**top, **groups)
 
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from gptjax import checkpoint as ckpt_lib
 from gptjax import config as config_lib
 from gptjax import datasets
+from gptjax import lora as lora_lib
 from gptjax import sharding
 from gptjax import steps as steps_lib
 from gptjax import workdir as workdir_lib
@@ -59,8 +60,9 @@ def eval_workdir(workdir: str, *, split: str | None = None, step: str | None = N
   batches, _ = datasets.eval_batches(config, tokenizer)
   if not batches:
     raise UserError(f"{workdir} has no eval set configured; pass --split NAME.")
-  programs = steps_lib.compile_programs(config, mesh)
-  params = checkpoints.restore_params(step_number, programs.abstract_state().params)
+  # A LoRA run evaluates as the plain model its adapters fold into.
+  programs = steps_lib.compile_programs(config.replace(lora={"rank": 0}), mesh)
+  params = lora_lib.load_params(workdir, step_number, programs.abstract_state().params)
   return {"step": step_number, "split": split or _eval_name(config.data),
           **evaluate(programs, params, batches)}
 

@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from gptjax import checkpoint as ckpt_lib
+from gptjax import lora as lora_lib
 from gptjax import model as model_lib
 from gptjax import sharding
 from gptjax import tokenizer as tokenizer_lib
@@ -394,7 +395,7 @@ def load(workdir: str, step: int | str | None = None, *, mesh=None,
                      "--workdir of a trained run.")
   checkpoints = ckpt_lib.Checkpoints(directory, read_only=True)
   try:
-    params = checkpoints.restore_params(checkpoints.resolve(step), abstract)
+    params = lora_lib.load_params(workdir, checkpoints.resolve(step), abstract)  # LoRA: folded.
   finally:
     checkpoints.close()
   return Generator(model, params, mesh, rules, stop_ids=stop_ids), tokenizer

@@ -17,6 +17,7 @@ import optax
 
 from gptjax import checkpoint as ckpt_lib
 from gptjax import config as config_lib
+from gptjax import lora as lora_lib
 from gptjax import loss as loss_lib
 from gptjax import model as model_lib
 from gptjax import optim
@@ -134,12 +135,48 @@ def eval_step(params, batch, *, model):
   return _loss_sums(params, batch, model=model, rng=None, train=False)[1]
 
 
+def lora_train_step(state: TrainState, batch, base, *, model, lora: config_lib.LoraConfig,
+                    **kwargs):
+  """train_step of a LoRA stage: `state.params` are the adapters; `base` is a constant
+  argument, so gradients and optimizer state exist for the adapters only (gptjax/lora.py)."""
+
+  def loss_sums_fn(adapters, b, rng, delta_BLD):
+    params = lora_lib.merge(base, adapters, rank=lora.rank, alpha=lora.alpha,
+                            dropout=lora.dropout, rng=jax.random.fold_in(rng, 1))
+    return _loss_sums(params, b, model=model, rng=rng, train=True, embed_delta_BLD=delta_BLD)
+
+  return train_step(state, batch, model=model, loss_sums_fn=loss_sums_fn, **kwargs)
+
+
+def lora_eval_step(adapters, batch, base, *, model, lora: config_lib.LoraConfig):
+  """eval_step of a LoRA stage: the base with the adapters folded in."""
+  return eval_step(lora_lib.merge(base, adapters, rank=lora.rank, alpha=lora.alpha), batch,
+                   model=model)
+
+
 # ----------------------------------------------------------------------------- compiling
 
 
 @dataclasses.dataclass
+class WithBase:
+  """A LoRA step jitted as f(..., base), called as f(...) with the frozen base bound."""
+  fn: Any
+  base: Any  # The base parameters (arrays, or ShapeDtypeStructs to lower).
+
+  def __call__(self, *args):
+    return self.fn(*args, self.base)
+
+  def lower(self, *args):
+    return self.fn.lower(*args, self.base)
+
+
+@dataclasses.dataclass
 class Programs:
-  """A model and optimizer bound to a mesh: sharded init, train and eval steps."""
+  """A model and optimizer bound to a mesh: sharded init, train and eval steps.
+
+  For a LoRA stage the state's params are the adapters, and the steps take the frozen base
+  parameters bound by `with_base` (until then, `abstract_base` stands in, for lowering only).
+  """
   model: model_lib.Transformer
   mesh: jax.sharding.Mesh
   rules: tuple
@@ -148,6 +185,12 @@ class Programs:
   init: Any  # rng -> TrainState, created directly sharded.
   train_step: Any  # (state, batch) -> (state, metrics), state donated.
   eval_step: Any  # (params, batch) -> sums.
+  abstract_base: Any = None  # LoRA: the base parameters' shapes and shardings.
+
+  def with_base(self, base) -> "Programs":
+    """These programs with a LoRA stage's base parameters bound into its steps."""
+    return dataclasses.replace(self, train_step=WithBase(self.train_step.fn, base),
+                               eval_step=WithBase(self.eval_step.fn, base))
 
   def abstract_state(self):
     """The state's shapes and shardings, without allocating it."""
@@ -162,9 +205,18 @@ def compile_programs(config: config_lib.StageConfig, mesh: jax.sharding.Mesh) ->
   rules = sharding.rules_tuple(config.mesh.rules)
   seq_len = config.data.seq_len
 
+  lora = config.lora
+  base_boxed = jax.eval_shape(
+      lambda rng: model.init({"params": rng, "dropout": rng},
+                             jnp.zeros((1, seq_len), jnp.int32))["params"],
+      jax.random.key(0)) if lora.rank else None
+
   def init_boxed(rng):
-    tokens = jnp.zeros((1, seq_len), jnp.int32)
-    params = model.init({"params": rng, "dropout": rng}, tokens)["params"]
+    if lora.rank:
+      params = lora_lib.init(rng, base_boxed, rank=lora.rank, targets=lora.target_names)
+    else:
+      params = model.init({"params": rng, "dropout": rng},
+                          jnp.zeros((1, seq_len), jnp.int32))["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   # Optimizer moments inherit their parameter's logical names, so they shard the same way.
@@ -178,21 +230,39 @@ def compile_programs(config: config_lib.StageConfig, mesh: jax.sharding.Mesh) ->
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   batch_sharding = sharding.batch_sharding(mesh, rules)
   dropout_rng = jax.random.key(config.train.seed + 1)
-  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, rng=dropout_rng,
-                           grad_accum_steps=config.train.grad_accum_steps,
-                           trainable=config.train.trainable,
-                           adversarial=config.train.adversarial,
-                           epsilon=config.train.adversarial_epsilon)
+  step_kwargs = dict(model=model, tx=tx, schedule=schedule, rng=dropout_rng,
+                     grad_accum_steps=config.train.grad_accum_steps,
+                     trainable=config.train.trainable, adversarial=config.train.adversarial,
+                     epsilon=config.train.adversarial_epsilon)
+  jit_init = jax.jit(sharding.under_mesh(init, mesh, rules), out_shardings=state_shardings)
+  if not lora.rank:
+    step = functools.partial(train_step, **step_kwargs)
+    return Programs(
+        model=model, mesh=mesh, rules=rules, state_shardings=state_shardings,
+        batch_sharding=batch_sharding, init=jit_init,
+        train_step=jax.jit(sharding.under_mesh(step, mesh, rules),
+                           in_shardings=(state_shardings, batch_sharding),
+                           out_shardings=(state_shardings, replicated), donate_argnums=0),
+        eval_step=jax.jit(sharding.under_mesh(functools.partial(eval_step, model=model), mesh,
+                                              rules),
+                          in_shardings=(state_shardings.params, batch_sharding),
+                          out_shardings=replicated),
+    )
+  base_shardings = sharding.logical_shardings(base_boxed, mesh, rules)
+  abstract_base = ckpt_lib.abstract_like(nn.unbox(base_boxed), base_shardings)
+  step = functools.partial(lora_train_step, lora=lora, **step_kwargs)
+  evaluate = functools.partial(lora_eval_step, model=model, lora=lora)
   return Programs(
       model=model, mesh=mesh, rules=rules, state_shardings=state_shardings,
-      batch_sharding=batch_sharding,
-      init=jax.jit(sharding.under_mesh(init, mesh, rules), out_shardings=state_shardings),
-      train_step=jax.jit(sharding.under_mesh(step, mesh, rules),
-                         in_shardings=(state_shardings, batch_sharding),
-                         out_shardings=(state_shardings, replicated), donate_argnums=0),
-      eval_step=jax.jit(sharding.under_mesh(functools.partial(eval_step, model=model), mesh, rules),
-                        in_shardings=(state_shardings.params, batch_sharding),
-                        out_shardings=replicated),
+      batch_sharding=batch_sharding, init=jit_init, abstract_base=abstract_base,
+      train_step=WithBase(jax.jit(sharding.under_mesh(step, mesh, rules),
+                                  in_shardings=(state_shardings, batch_sharding, base_shardings),
+                                  out_shardings=(state_shardings, replicated),
+                                  donate_argnums=0), abstract_base),
+      eval_step=WithBase(jax.jit(sharding.under_mesh(evaluate, mesh, rules),
+                                 in_shardings=(state_shardings.params, batch_sharding,
+                                               base_shardings),
+                                 out_shardings=replicated), abstract_base),
   )
 
 

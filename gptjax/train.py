@@ -15,6 +15,7 @@ import tqdm
 from gptjax import checkpoint as ckpt_lib
 from gptjax import datasets
 from gptjax import evaluate as evaluate_lib
+from gptjax import lora as lora_lib
 from gptjax import metrics as metrics_lib
 from gptjax import sharding
 from gptjax import steps as steps_lib
@@ -76,7 +77,7 @@ def _start_state(stage: workdir_lib.Stage, programs: steps_lib.Programs, checkpo
       train_iter = None
     return checkpoints.restore(start, programs.abstract_state(), train_iter), start
   state = programs.init(jax.random.key(stage.config.train.seed))
-  if stage.init:
+  if stage.init and not stage.config.lora.rank:  # A LoRA stage's init_from is its frozen base.
     # Parameters from the earlier stage; optimizer state and step start fresh.
     source = ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(stage.init.workdir),
                                   read_only=True)
@@ -107,6 +108,8 @@ def train(stage: workdir_lib.Stage, *, mesh=None, progress: bool = True) -> Trai
     print(note)
 
   programs = steps_lib.compile_programs(config, mesh)
+  if config.lora.rank:
+    programs = programs.with_base(lora_lib.load_base(config, workdir, programs.abstract_base))
   train_iter = iter(train_ds)
   checkpoints = ckpt_lib.Checkpoints(checkpoint_dir, max_to_keep=t.max_to_keep)
   writer = metrics_lib.MetricsWriter(workdir, stage=config.stage, primary=primary)

@@ -1,0 +1,194 @@
+"""LoRA adapters (gptjax/lora.py): exact start, frozen base, merge, checkpoints, memory."""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import compile_programs, gptjax, make_mesh, run_stage, tiny_config
+
+from gptjax import config as config_lib
+from gptjax import evaluate as evaluate_lib
+from gptjax import generate as generate_lib
+from gptjax import lora as lora_lib
+from gptjax import sharding
+from gptjax import workdir as workdir_lib
+from gptjax.bench import memory as memory_bench
+from gptjax.errors import UserError
+
+ALL_TARGETS = "q,k,v,o,mlp_in,mlp_out"
+
+
+def _lora_config(base=None, data_dir=None, rank=4, targets=ALL_TARGETS, **model):
+  c = tiny_config(data_dir)
+  c.model.update(max_len=64, **model)
+  c.stage = "lora"
+  c.init_from = base or "base"
+  c.model.lora.update(rank=rank, alpha=8.0, targets=targets)
+  c.train.update(learning_rate=1e-2)
+  return c
+
+
+def _batch(seed=0, rows=8, length=32, vocab=384):
+  tokens = np.random.default_rng(seed).integers(8, vocab, (rows, length + 1), dtype=np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "segment_ids": np.ones((rows, length), np.int32),
+          "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy(),
+          "weights": np.ones((rows, length), np.float32)}
+
+
+def _programs_and_base(mesh, **model):
+  config = config_lib.stage_config(_lora_config(**model))
+  programs = compile_programs(config, mesh)
+  plain = compile_programs(config.replace(lora={"rank": 0}), mesh)
+  base = plain.init(jax.random.key(1)).params
+  return config, programs.with_base(base), plain, base
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_step_zero_is_exactly_the_base_model(scan):
+  config, programs, plain, base = _programs_and_base(make_mesh(), scan_layers=scan)
+  adapters = programs.init(jax.random.key(0)).params
+  merged = lora_lib.merge(base, adapters, rank=4, alpha=8.0)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), merged, base)
+  tokens = jnp.asarray(_batch()["inputs"])
+  np.testing.assert_array_equal(programs.model.apply({"params": merged}, tokens),
+                                plain.model.apply({"params": base}, tokens))
+
+
+def test_merge_equals_the_unmerged_low_rank_path():
+  """x @ (W + s A B) for a fused-qkv slice and a two-input-axis kernel equals x @ W + s x A B."""
+  config, programs, _, base = _programs_and_base(make_mesh())
+  adapters = programs.init(jax.random.key(0)).params
+  adapters = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape),
+                          adapters)  # B nonzero.
+  merged = lora_lib.merge(base, adapters, rank=4, alpha=8.0)
+  s = 8.0 / 4
+  x_RD = jax.random.normal(jax.random.key(3), (5, 32))
+  qkv, ab = base["block_1"]["attn"]["qkv"], adapters["block_1"]["attn"]["qkv"]["k"]
+  want = (jnp.einsum("RD,DHK->RHK", x_RD, qkv[:, 1]).reshape(5, -1)
+          + s * x_RD @ ab["lora_a"] @ ab["lora_b"])
+  got = jnp.einsum("RD,DHK->RHK", x_RD, merged["block_1"]["attn"]["qkv"][:, 1]).reshape(5, -1)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  out, ab = base["block_0"]["attn"]["out"], adapters["block_0"]["attn"]["out"]["all"]
+  h_RHK = jax.random.normal(jax.random.key(4), (5, 2, 16))
+  want = (jnp.einsum("RHK,HKD->RD", h_RHK, out)
+          + s * h_RHK.reshape(5, -1) @ ab["lora_a"] @ ab["lora_b"])
+  got = jnp.einsum("RHK,HKD->RD", h_RHK, merged["block_0"]["attn"]["out"])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_only_adapters_train_and_optimizer_state_is_adapter_shaped():
+  config, programs, _, base = _programs_and_base(make_mesh(data=2, fsdp=2, tensor=2))
+  before = jax.device_get(base)
+  state = programs.init(jax.random.key(0))
+  start = jax.device_get(state.params)
+  batch = sharding.global_batch(_batch(), programs.batch_sharding)
+  for _ in range(3):
+    state, metrics = programs.train_step(state, batch)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(base), before)
+  after = jax.device_get(state.params)
+  b_moved = [np.abs(a["lora_b"]).max() for m in after.values() for k in m.values()
+             for p in k.values() for a in p.values()]
+  assert min(b_moved) > 0, "every adapter's B should have left zero"
+  assert not np.array_equal(after["block_0"]["attn"]["qkv"]["q"]["lora_a"],
+                            start["block_0"]["attn"]["qkv"]["q"]["lora_a"])
+  adapter_shapes = {x.shape for x in jax.tree.leaves(after)}
+  for leaf in jax.tree.leaves(state.opt_state):
+    assert leaf.ndim == 0 or leaf.shape in adapter_shapes, leaf.shape
+  base_count = sum(x.size for x in jax.tree.leaves(before))
+  assert lora_lib.count(after) < base_count / 5
+
+
+def test_bench_memory_shows_optimizer_bytes_falling():
+  full = config_lib.stage_config(_lora_config(rank=0))
+  lora = config_lib.stage_config(_lora_config(rank=2, targets="q,v"))
+  full_bytes = memory_bench.run(config=full)["optimizer_bytes_per_device"]
+  lora_bytes = memory_bench.run(config=lora)["optimizer_bytes_per_device"]
+  assert lora_bytes < full_bytes / 20, (lora_bytes, full_bytes)
+
+
+def test_bad_lora_config_is_a_clear_error():
+  c = _lora_config()
+  c.init_from = ""
+  with pytest.raises(UserError, match="init_from"):
+    config_lib.stage_config(c)
+  c = _lora_config(targets="q,query")
+  with pytest.raises(UserError, match="model.lora.targets"):
+    config_lib.stage_config(c)
+  c = _lora_config()
+  c.train.trainable = "top:1"
+  with pytest.raises(UserError, match="train.trainable"):
+    config_lib.stage_config(c)
+
+
+def test_config_json_round_trips_the_lora_keys():
+  config = config_lib.stage_config(_lora_config())
+  again = config_lib.from_json(config_lib.to_json(config))
+  assert again == config and json.loads(config_lib.to_json(config))["model"]["lora"]["rank"] == 4
+
+
+@pytest.mark.slow
+def test_lora_stage_trains_resumes_merges_and_serves(tmp_path, trained_workdir, tfds_data_dir):
+  """A LoRA stage on a trained base: resume is exact, restores onto another mesh, the base
+  workdir is untouched, and eval/sample on the LoRA workdir equal the merged workdir's."""
+  base_ckpt = os.path.join(trained_workdir, "checkpoints")
+  base_files = {f: os.path.getmtime(os.path.join(base_ckpt, f)) for f in os.listdir(base_ckpt)}
+  config = _lora_config(trained_workdir, tfds_data_dir)
+  whole, split = tmp_path / "whole", tmp_path / "split"
+  run_stage(config, whole, mesh=make_mesh(data=2))
+  config.train.steps = 2
+  run_stage(config, split, mesh=make_mesh(data=2))
+  config.train.steps = 4
+  run_stage(config, split, mesh=make_mesh(fsdp=2, tensor=2))  # Resumed on another mesh.
+  stage = workdir_lib.read_config(str(whole))
+  assert stage.init_from == trained_workdir and stage.lora.rank == 4
+
+  abstract = compile_programs(stage.replace(lora={"rank": 0}),
+                              make_mesh(data=2)).abstract_state().params
+  a = lora_lib.load_params(str(whole), 4, abstract)
+  b = lora_lib.load_params(str(split), 4, abstract)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), a, b)
+  base = lora_lib.load_params(trained_workdir, int(stage.init_from_step),
+                              abstract)
+  assert not np.array_equal(a["block_0"]["attn"]["qkv"], base["block_0"]["attn"]["qkv"])
+  assert {f: os.path.getmtime(os.path.join(base_ckpt, f)) for f in os.listdir(base_ckpt)} \
+      == base_files
+
+  merged = tmp_path / "merged"
+  out = gptjax("merge", "--workdir", whole, "--out", merged, "--json", check=True)
+  assert json.loads(out.stdout)["step"] == 4
+  assert workdir_lib.read_config(str(merged)).lora.rank == 0
+  lora_eval = evaluate_lib.eval_workdir(str(whole), mesh=make_mesh())
+  merged_eval = evaluate_lib.eval_workdir(str(merged), mesh=make_mesh())
+  assert lora_eval["loss"] == pytest.approx(merged_eval["loss"], rel=1e-6)
+  assert gptjax("merge", "--workdir", whole, "--out", merged).returncode == 1  # Exists.
+
+  sampling = generate_lib.Sampling(max_new_tokens=8, temperature=0.0)
+  texts = []
+  for path in (whole, merged):
+    generator, tokenizer = generate_lib.load(str(path), mesh=make_mesh())
+    texts.append(generator.generate([[tokenizer.bos_id, *tokenizer.encode("ROMEO:")]],
+                                    sampling)[0].tokens)
+  assert texts[0] == texts[1]
+
+
+def test_changed_base_tokenizer_is_refused(tmp_path, trained_workdir):
+  """The base reference is checked at load: another tokenizer in the base is an error."""
+  import shutil
+
+  base = tmp_path / "base"
+  shutil.copytree(trained_workdir, base)
+  lora_dir = tmp_path / "lora"
+  os.makedirs(lora_dir)
+  shutil.copy(workdir_lib.tokenizer_path(trained_workdir), workdir_lib.tokenizer_path(lora_dir))
+  config = config_lib.stage_config(_lora_config(str(base))).replace(init_from_step="4")
+  workdir_lib.atomic_write(workdir_lib.config_path(str(lora_dir)), config_lib.to_json(config))
+  lora_lib.base_source(config, str(lora_dir))  # Fine as it is.
+  with open(workdir_lib.tokenizer_path(str(base)), "ab") as f:
+    f.write(b"\0")
+  with pytest.raises(UserError, match="tokenizer of the LoRA base"):
+    lora_lib.base_source(config, str(lora_dir))
