@@ -22,6 +22,8 @@
            reference step's tokens/s), as JSON.
   merge    --workdir LORA_DIR --out DIR [--step N|best] [--json]
            Folds a LoRA run's adapters into its base; writes a plain workdir.
+  classify --workdir DIR --text TEXT [--text ...|--file F] [--step N|best] [--json]
+           The label and class probabilities of each text (a data.kind=classify run).
 
 Config overrides follow ml_collections: an unknown key or a value of the wrong type is an
 error naming the key, and nothing starts. Each command takes only its own flags (COMMANDS).
@@ -73,6 +75,8 @@ _NO_REPEAT_NGRAM_SIZE = flags.DEFINE_integer(
     "no_repeat_ngram_size", 0, "Never repeat an n-gram of this many tokens; 0: off.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "sample: completions per prompt.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed: the same seed gives the same text.")
+_TEXT = flags.DEFINE_multi_string("text", None, "classify: a text to label; repeatable.")
+_FILE = flags.DEFINE_string("file", None, "classify: a file of texts to label, one a line.")
 _OUT = flags.DEFINE_string("out", None, "merge: the new plain workdir to write.")
 _BENCH_STEPS = flags.DEFINE_integer("steps", 20, "bench train: timed steps after the warm-up.")
 _TORCH = flags.DEFINE_enum(
@@ -274,6 +278,29 @@ def cmd_bench(kind: str | None = None):
                              steps=_BENCH_STEPS.value, torch=_TORCH.value), indent=2))
 
 
+def cmd_classify():
+  """Labels --text texts (or --file lines) with a classification run's checkpoint."""
+  from gptjax import classify
+
+  workdir = _require(_WORKDIR, "workdir", "classify")
+  texts = list(_TEXT.value or [])
+  if _FILE.value:
+    try:
+      with open(_FILE.value) as f:
+        texts += [line.rstrip("\n") for line in f if line.strip()]
+    except OSError as e:
+      raise UserError(f"Cannot read --file: {e}; pass a text file, one text a line.") from None
+  if not texts:
+    raise UserError("`classify` needs --text TEXT (repeatable) or --file FILE.")
+  for result in classify.classify_texts(workdir, texts, _step()):
+    if _JSON.value:
+      print(json.dumps(result))
+    else:
+      top = sorted(result["probabilities"].items(), key=lambda kv: -kv[1])[:3]
+      print(f"{result['label']}\t" + " ".join(f"{k}={v:.3f}" for k, v in top)
+            + f"\t{result['text']}")
+
+
 def cmd_merge():
   """Folds a LoRA run's adapters into its base and writes a plain workdir to --out."""
   from gptjax import lora
@@ -321,6 +348,7 @@ COMMANDS = {
     "chat": (cmd_chat, ("workdir", "step", "system", "message", "json", *SAMPLING_FLAGS)),
     "bench": (cmd_bench, ("config", "workdir", "step", "steps", "torch")),
     "merge": (cmd_merge, ("workdir", "out", "step", "json")),
+    "classify": (cmd_classify, ("workdir", "text", "file", "step", "json")),
 }
 # Commands that take one positional argument (`bench decode`).
 TAKES_ARGUMENT = {"bench"}

@@ -91,6 +91,13 @@ def base_config() -> ml_collections.ConfigDict:
   # "windows" splits it into several renderings, each ending at a reply, so every reply trains.
   dl.long_conversations = "recent"
 
+  c.classify = cl = ml_collections.ConfigDict()
+  # data.kind="classify" (gptjax/classify.py): a label for each text from its final hidden state.
+  cl.labels = ""  # Comma-separated class names, in order (ClassLabel integers index this list).
+  cl.label_field = "label"  # tfds feature holding the label (schema_guided_dialogue: "service"
+  # or "domain" of the first user message).
+  cl.pool = "last"  # Head input: "last" real token's hidden state, or "mean" over real tokens.
+
   c.train = tr = ml_collections.ConfigDict()
   tr.steps = 1_000  # Optimizer steps.
   tr.batch_size = 16  # Global batch in rows; divisible by the data-parallel size (mesh data * fsdp).
@@ -144,7 +151,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 # ----------------------------------------------------------------------------- typed groups
 
-DATA_KINDS = ("text", "dialogue")
+DATA_KINDS = ("text", "dialogue", "classify")
 LONG_CONVERSATIONS = ("recent", "windows")
 TOKENIZER_TYPES = ("bpe", "unigram")
 ADVERSARIAL = ("none", "fgm")
@@ -205,6 +212,24 @@ class DialogueConfig:
            "a weight in [0, 1]")
     _check(self.long_conversations in LONG_CONVERSATIONS, "dialogue.long_conversations",
            self.long_conversations, f"one of {LONG_CONVERSATIONS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifyConfig:
+  """`config.classify`: the labels and head of a classification stage (data.kind="classify")."""
+  labels: str
+  label_field: str
+  pool: str
+
+  def __post_init__(self):
+    _check(self.pool in ("last", "mean"), "classify.pool", self.pool, "'last' or 'mean'")
+    names = self.label_names
+    _check(len(set(names)) == len(names), "classify.labels", self.labels,
+           "distinct comma-separated class names")
+
+  @property
+  def label_names(self) -> tuple[str, ...]:
+    return tuple(n.strip() for n in self.labels.split(",") if n.strip())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,6 +339,7 @@ class StageConfig:
   tokenizer: TokenizerConfig
   data: DataConfig
   dialogue: DialogueConfig
+  classify: ClassifyConfig
   train: TrainConfig
   mesh: MeshConfig
   host: HostConfig
@@ -330,6 +356,11 @@ class StageConfig:
     _check(_trainable_ok(self.train.trainable, self.model.num_layers), "train.trainable",
            self.train.trainable, f"'all', 'no_embed' or 'top:N' with N <= "
            f"{self.model.num_layers} layers")
+    if self.data.kind == "classify":
+      _check(len(self.classify.label_names) >= 2, "classify.labels", self.classify.labels,
+             "at least two comma-separated class names for data.kind='classify'")
+      _check(not self.lora.rank, "model.lora.rank", self.lora.rank,
+             "0 with data.kind='classify' (LoRA classification is not supported yet)")
     if self.lora.rank:
       _check(bool(self.init_from), "init_from", self.init_from,
              "the workdir of a trained base model: a LoRA stage (model.lora.rank > 0) adapts one")
@@ -361,7 +392,7 @@ def _trainable_ok(trainable: str, num_layers: int) -> bool:
 
 
 GROUPS = {"model": ModelConfig, "tokenizer": TokenizerConfig, "data": DataConfig,
-          "dialogue": DialogueConfig, "train": TrainConfig, "mesh": MeshConfig,
+          "dialogue": DialogueConfig, "classify": ClassifyConfig, "train": TrainConfig, "mesh": MeshConfig,
           "host": HostConfig}
 
 

@@ -11,6 +11,7 @@ import functools
 import ml_collections
 import numpy as np
 
+from gptjax import classify
 from gptjax import data as data_lib
 from gptjax import dialogue
 from gptjax.tokenizer import Tokenizer
@@ -69,7 +70,9 @@ def tokenizer_texts(config: ml_collections.ConfigDict) -> list[str]:
   """Training texts for the tokenizer: the train split's documents, in a seeded order so a
   `tokenizer.max_chars` cap samples every dataset."""
   d = config.data
-  if d.kind == "dialogue":
+  if d.kind == "classify":
+    texts = classify.tokenizer_texts(config)
+  elif d.kind == "dialogue":
     texts = [dialogue.as_text(c) for c in conversations(d, "train")[0]]
   else:
     texts = text_documents(d, "train")
@@ -113,6 +116,9 @@ def _documents(config, tokenizer: Tokenizer, which: str):
 def train_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *, batch_size: int,
                   shard_index: int = 0, shard_count: int = 1):
   """(endless train batches of this process's `batch_size` rows, notes for the console)."""
+  if config.data.kind == "classify":
+    return classify.train_dataset(config, tokenizer, batch_size=batch_size,
+                                  shard_index=shard_index, shard_count=shard_count)
   _check_kind(config.data.kind)
   items, to_document, extra, notes = _documents(config, tokenizer, "train")
   ds = data_lib.make_dataset(items, to_document, seq_len=config.data.seq_len,
@@ -124,6 +130,8 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *, ba
 def eval_batches(config: ml_collections.ConfigDict, tokenizer: Tokenizer):
   """(global eval batches, notes): every token of the eval set once, at most
   `data.eval_batches` batches (0: all)."""
+  if config.data.kind == "classify":
+    return classify.eval_batches(config, tokenizer)
   _check_kind(config.data.kind)
   if not has_eval(config.data):
     return [], []

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax import checkpoint as ckpt_lib
+from gptjax import classify as classify_lib
 from gptjax import config as config_lib
 from gptjax import datasets
 from gptjax import lora as lora_lib
@@ -17,12 +18,13 @@ from gptjax import workdir as workdir_lib
 from gptjax.errors import UserError
 
 
-def evaluate(programs, params, batches: list[dict]) -> dict:
+def evaluate(programs, params, batches: list[dict], confusion: bool = False) -> dict:
   """Metrics over `batches` (global numpy batches, identical on every process).
 
   Returns `loss` (the weighted objective), `perplexity`, `tokens` (target tokens that are
   not padding), `weight_sum` (their summed loss weights, the loss's denominator) and, for
-  dialogue batches, `assistant_loss` and `assistant_tokens`.
+  dialogue batches, `assistant_loss` and `assistant_tokens`; for classification batches,
+  `accuracy`, `macro_f1` and with `confusion` the confusion matrix [true][predicted].
   """
   sums = None
   for batch in batches:
@@ -34,13 +36,19 @@ def evaluate(programs, params, batches: list[dict]) -> dict:
   if sums is None:
     raise UserError("The eval set produced no batch; check data.eval_split / "
                     "data.eval_files.")
-  sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+  sums = jax.device_get(sums)
+  matrix = sums.pop("confusion", None)
+  sums = {k: float(v) for k, v in sums.items()}
   loss = sums["loss_sum"] / max(sums["weight_sum"], 1.0)
   metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
              "tokens": sums["token_count"], "weight_sum": sums["weight_sum"]}
   if "assistant_sum" in sums:
     metrics["assistant_loss"] = sums["assistant_sum"] / max(sums["assistant_count"], 1.0)
     metrics["assistant_tokens"] = sums["assistant_count"]
+  if matrix is not None:
+    metrics.update(classify_lib.scores(matrix))
+    if confusion:
+      metrics["confusion"] = matrix.astype(int).tolist()
   return metrics
 
 
@@ -63,8 +71,11 @@ def eval_workdir(workdir: str, *, split: str | None = None, step: str | None = N
   # A LoRA run evaluates as the plain model its adapters fold into.
   programs = steps_lib.compile_programs(config.replace(lora={"rank": 0}), mesh)
   params = lora_lib.load_params(workdir, step_number, programs.abstract_state().params)
-  return {"step": step_number, "split": split or _eval_name(config.data),
-          **evaluate(programs, params, batches)}
+  metrics = {"step": step_number, "split": split or _eval_name(config.data),
+             **evaluate(programs, params, batches, confusion=True)}
+  if "confusion" in metrics:
+    metrics["labels"] = list(config.classify.label_names)
+  return metrics
 
 
 def _eval_split(d: config_lib.DataConfig, split: str) -> config_lib.DataConfig:

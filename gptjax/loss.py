@@ -42,4 +42,6 @@ def means(sums: dict) -> dict:
   out = {"loss": sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0)}
   if "assistant_sum" in sums:
     out["assistant_loss"] = sums["assistant_sum"] / jnp.maximum(sums["assistant_count"], 1.0)
+  if "correct_sum" in sums:  # Classification: the share of rows labelled right.
+    out["accuracy"] = sums["correct_sum"] / jnp.maximum(sums["weight_sum"], 1.0)
   return out

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from gptjax import checkpoint as ckpt_lib
+from gptjax import classify as classify_lib
 from gptjax import config as config_lib
 from gptjax import lora as lora_lib
 from gptjax import loss as loss_lib
@@ -206,6 +207,8 @@ def compile_programs(config: config_lib.StageConfig, mesh: jax.sharding.Mesh) ->
   seq_len = config.data.seq_len
 
   lora = config.lora
+  classifier = config.data.kind == "classify"
+  num_classes = len(config.classify.label_names)
   base_boxed = jax.eval_shape(
       lambda rng: model.init({"params": rng, "dropout": rng},
                              jnp.zeros((1, seq_len), jnp.int32))["params"],
@@ -217,6 +220,9 @@ def compile_programs(config: config_lib.StageConfig, mesh: jax.sharding.Mesh) ->
     else:
       params = model.init({"params": rng, "dropout": rng},
                           jnp.zeros((1, seq_len), jnp.int32))["params"]
+    if classifier:
+      params = {**params, classify_lib.HEAD: classify_lib.init_head(
+          jax.random.fold_in(rng, 1), config.model.d_model, num_classes)}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   # Optimizer moments inherit their parameter's logical names, so they shard the same way.
@@ -236,6 +242,11 @@ def compile_programs(config: config_lib.StageConfig, mesh: jax.sharding.Mesh) ->
                      epsilon=config.train.adversarial_epsilon)
   jit_init = jax.jit(sharding.under_mesh(init, mesh, rules), out_shardings=state_shardings)
   if not lora.rank:
+    evaluate = functools.partial(eval_step, model=model)
+    if classifier:
+      heads = dict(model=model, pool=config.classify.pool, num_classes=num_classes)
+      step_kwargs["loss_sums_fn"] = classify_lib.loss_sums_fn(**heads)
+      evaluate = functools.partial(classify_lib.eval_step, **heads)
     step = functools.partial(train_step, **step_kwargs)
     return Programs(
         model=model, mesh=mesh, rules=rules, state_shardings=state_shardings,
@@ -243,8 +254,7 @@ def compile_programs(config: config_lib.StageConfig, mesh: jax.sharding.Mesh) ->
         train_step=jax.jit(sharding.under_mesh(step, mesh, rules),
                            in_shardings=(state_shardings, batch_sharding),
                            out_shardings=(state_shardings, replicated), donate_argnums=0),
-        eval_step=jax.jit(sharding.under_mesh(functools.partial(eval_step, model=model), mesh,
-                                              rules),
+        eval_step=jax.jit(sharding.under_mesh(evaluate, mesh, rules),
                           in_shardings=(state_shardings.params, batch_sharding),
                           out_shardings=replicated),
     )

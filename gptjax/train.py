@@ -13,6 +13,7 @@ import numpy as np
 import tqdm
 
 from gptjax import checkpoint as ckpt_lib
+from gptjax import classify as classify_lib
 from gptjax import datasets
 from gptjax import evaluate as evaluate_lib
 from gptjax import lora as lora_lib
@@ -81,11 +82,14 @@ def _start_state(stage: workdir_lib.Stage, programs: steps_lib.Programs, checkpo
     # Parameters from the earlier stage; optimizer state and step start fresh.
     source = ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(stage.init.workdir),
                                   read_only=True)
+    # A new classification head (not in the source) keeps its fresh initialisation.
+    abstract = {k: v for k, v in programs.abstract_state().params.items()
+                if k != classify_lib.HEAD}
     try:
-      params = source.restore_params(stage.init.step, programs.abstract_state().params)
+      params = source.restore_params(stage.init.step, abstract)
     finally:
       source.close()
-    state = state.replace(params=params)
+    state = state.replace(params={**state.params, **params})
   return state, 0
 
 
