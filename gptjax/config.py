@@ -359,8 +359,6 @@ class StageConfig:
     if self.data.kind == "classify":
       _check(len(self.classify.label_names) >= 2, "classify.labels", self.classify.labels,
              "at least two comma-separated class names for data.kind='classify'")
-      _check(not self.lora.rank, "model.lora.rank", self.lora.rank,
-             "0 with data.kind='classify' (LoRA classification is not supported yet)")
     if self.lora.rank:
       _check(bool(self.init_from), "init_from", self.init_from,
              "the workdir of a trained base model: a LoRA stage (model.lora.rank > 0) adapts one")

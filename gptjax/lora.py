@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax import checkpoint as ckpt_lib
+from gptjax import classify as classify_lib
 from gptjax import config as config_lib
 from gptjax import sharding
 from gptjax import workdir as workdir_lib
@@ -129,12 +130,17 @@ def merge(base, adapters, *, rank: int, alpha: float, dropout: float = 0.0, rng=
   """The base parameters with every adapter folded in: W + (alpha / rank) * A @ B.
 
   `rng` (training only) draws the adapter-input dropout masks (see the module docstring).
-  Exact at init: B = 0 adds zeros, so the result equals `base` bit for bit.
+  Exact at init: B = 0 adds zeros, so the result equals `base` bit for bit. Top-level
+  entries of `adapters` that are not blocks are new parameters that train beside the adapters
+  (a classification head): they are copied into the result as they are.
   """
   scale = alpha / rank
   merged = jax.tree.map(lambda x: x, base)  # New dicts; arrays shared until replaced.
   i = 0
   for block, modules in adapters.items():
+    if block not in base:
+      merged[block] = modules
+      continue
     lead = 1 if block == "blocks" else 0
     for module, kernels in modules.items():
       for kernel, parts in kernels.items():
@@ -206,7 +212,9 @@ def load_params(workdir: str, step: int, abstract_params):
     adapters = checkpoints.restore_params(step, programs.abstract_state().params)
   finally:
     checkpoints.close()
-  base = load_params(*base_source(config, workdir), abstract_params)
+  # Parameters the base lacks (a classification head) come with the adapters.
+  base = load_params(*base_source(config, workdir),
+                     {k: v for k, v in abstract_params.items() if k != classify_lib.HEAD})
   shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
   fold = functools.partial(merge, rank=config.lora.rank, alpha=config.lora.alpha)
   return jax.jit(fold, out_shardings=shardings)(base, adapters)

@@ -137,22 +137,24 @@ def eval_step(params, batch, *, model):
 
 
 def lora_train_step(state: TrainState, batch, base, *, model, lora: config_lib.LoraConfig,
-                    **kwargs):
+                    loss_sums_fn=None, **kwargs):
   """train_step of a LoRA stage: `state.params` are the adapters; `base` is a constant
-  argument, so gradients and optimizer state exist for the adapters only (gptjax/lora.py)."""
+  argument, so gradients and optimizer state exist for the adapters only (gptjax/lora.py).
+  `loss_sums_fn` (default: the language-model loss) sees the merged parameters."""
 
-  def loss_sums_fn(adapters, b, rng, delta_BLD):
+  def merged_loss(adapters, b, rng, delta_BLD):
     params = lora_lib.merge(base, adapters, rank=lora.rank, alpha=lora.alpha,
                             dropout=lora.dropout, rng=jax.random.fold_in(rng, 1))
+    if loss_sums_fn is not None:
+      return loss_sums_fn(params, b, rng, delta_BLD)
     return _loss_sums(params, b, model=model, rng=rng, train=True, embed_delta_BLD=delta_BLD)
 
-  return train_step(state, batch, model=model, loss_sums_fn=loss_sums_fn, **kwargs)
+  return train_step(state, batch, model=model, loss_sums_fn=merged_loss, **kwargs)
 
 
-def lora_eval_step(adapters, batch, base, *, model, lora: config_lib.LoraConfig):
-  """eval_step of a LoRA stage: the base with the adapters folded in."""
-  return eval_step(lora_lib.merge(base, adapters, rank=lora.rank, alpha=lora.alpha), batch,
-                   model=model)
+def lora_eval_step(adapters, batch, base, *, lora: config_lib.LoraConfig, evaluate):
+  """`evaluate` (an eval step) of the base with the adapters folded in."""
+  return evaluate(lora_lib.merge(base, adapters, rank=lora.rank, alpha=lora.alpha), batch)
 
 
 # ----------------------------------------------------------------------------- compiling
@@ -236,17 +238,17 @@ def compile_programs(config: config_lib.StageConfig, mesh: jax.sharding.Mesh) ->
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   batch_sharding = sharding.batch_sharding(mesh, rules)
   dropout_rng = jax.random.key(config.train.seed + 1)
-  step_kwargs = dict(model=model, tx=tx, schedule=schedule, rng=dropout_rng,
-                     grad_accum_steps=config.train.grad_accum_steps,
-                     trainable=config.train.trainable, adversarial=config.train.adversarial,
-                     epsilon=config.train.adversarial_epsilon)
+  step_kwargs = {"model": model, "tx": tx, "schedule": schedule, "rng": dropout_rng,
+                 "grad_accum_steps": config.train.grad_accum_steps,
+                 "trainable": config.train.trainable, "adversarial": config.train.adversarial,
+                 "epsilon": config.train.adversarial_epsilon}
   jit_init = jax.jit(sharding.under_mesh(init, mesh, rules), out_shardings=state_shardings)
+  evaluate = functools.partial(eval_step, model=model)
+  if classifier:
+    heads = {"model": model, "pool": config.classify.pool, "num_classes": num_classes}
+    step_kwargs["loss_sums_fn"] = classify_lib.loss_sums_fn(**heads)
+    evaluate = functools.partial(classify_lib.eval_step, **heads)
   if not lora.rank:
-    evaluate = functools.partial(eval_step, model=model)
-    if classifier:
-      heads = dict(model=model, pool=config.classify.pool, num_classes=num_classes)
-      step_kwargs["loss_sums_fn"] = classify_lib.loss_sums_fn(**heads)
-      evaluate = functools.partial(classify_lib.eval_step, **heads)
     step = functools.partial(train_step, **step_kwargs)
     return Programs(
         model=model, mesh=mesh, rules=rules, state_shardings=state_shardings,
@@ -261,7 +263,7 @@ def compile_programs(config: config_lib.StageConfig, mesh: jax.sharding.Mesh) ->
   base_shardings = sharding.logical_shardings(base_boxed, mesh, rules)
   abstract_base = ckpt_lib.abstract_like(nn.unbox(base_boxed), base_shardings)
   step = functools.partial(lora_train_step, lora=lora, **step_kwargs)
-  evaluate = functools.partial(lora_eval_step, model=model, lora=lora)
+  evaluate = functools.partial(lora_eval_step, lora=lora, evaluate=evaluate)
   return Programs(
       model=model, mesh=mesh, rules=rules, state_shardings=state_shardings,
       batch_sharding=batch_sharding, init=jit_init, abstract_base=abstract_base,

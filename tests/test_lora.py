@@ -192,3 +192,27 @@ def test_changed_base_tokenizer_is_refused(tmp_path, trained_workdir):
     f.write(b"\0")
   with pytest.raises(UserError, match="tokenizer of the LoRA base"):
     lora_lib.base_source(config, str(lora_dir))
+
+
+def test_lora_classification_trains_the_adapters_and_a_new_head():
+  c = _lora_config(rank=2, targets="q,v")
+  c.data.kind = "classify"
+  c.classify.labels = "a,b,c"
+  config = config_lib.stage_config(c)
+  mesh = make_mesh(data=2)
+  programs = compile_programs(config, mesh)
+  plain = compile_programs(config.replace(lora={"rank": 0}, data={"kind": "text"}), mesh)
+  base = plain.init(jax.random.key(1)).params
+  programs = programs.with_base(base)
+  state = programs.init(jax.random.key(0))
+  assert set(state.params) == {"block_0", "block_1", "classifier"}
+  head = jax.device_get(state.params["classifier"]["kernel"])
+  batch = _batch()
+  batch["targets"] = np.repeat(np.arange(8)[:, None] % 3, 32, axis=1).astype(np.int32)
+  batch = sharding.global_batch(batch, programs.batch_sharding)
+  for _ in range(2):
+    state, metrics = programs.train_step(state, batch)
+  assert "accuracy" in metrics
+  assert not np.array_equal(jax.device_get(state.params["classifier"]["kernel"]), head)
+  sums = programs.eval_step(state.params, batch)
+  assert sums["confusion"].shape == (3, 3)
