@@ -88,6 +88,9 @@ def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
   reference = None if torch == "off" else _torch_or_skip(config, steps, required=torch == "on")
   cfg = config.model
   programs = steps_lib.programs_for(config)
+  if config.lora.rank:  # A LoRA step's frozen base: random weights time the same.
+    plain = steps_lib.compile_programs(config.replace(lora={"rank": 0}), programs.mesh)
+    programs = programs.with_base(plain.init(jax.random.key(config.train.seed)).params)
   state = programs.init(jax.random.key(config.train.seed))
   t = config.train
   batch = sharding.global_batch(
