@@ -98,7 +98,7 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, rng, grad_accum
   """
   step_rng = jax.random.fold_in(rng, state.step)
   if loss_sums_fn is None:
-    loss_sums_fn = lambda p, b, r, d: _loss_sums(p, b, model=model, rng=r, train=True,  # noqa: E731
+    loss_sums_fn = lambda p, b, r, d: _loss_sums(p, b, model=model, rng=r, train=True,
                                                  embed_delta_BLD=d)
   grad_fn = functools.partial(grads_and_sums, loss_sums_fn, adversarial=adversarial,
                               epsilon=epsilon, width=model.cfg.d_model)

@@ -53,7 +53,7 @@ def test_fgm_changes_the_step_and_raises_the_loss():
   config = tiny_config()
   _, plain = _steps(config, make_mesh(), steps=1)
   config.train.update(adversarial="fgm", adversarial_epsilon=5.0)
-  fgm_state, fgm = _steps(config, make_mesh(), steps=1)
+  _, fgm = _steps(config, make_mesh(), steps=1)
   # The perturbation points uphill: the perturbed loss is above the clean one.
   assert fgm[0]["adv_loss"] > fgm[0]["loss"] + 1e-3, fgm[0]
   assert fgm[0]["loss"] == pytest.approx(plain[0]["loss"], abs=1e-6)
@@ -65,7 +65,7 @@ def test_perturbation_has_the_stated_norm_per_row():
   params = programs.init(jax.random.key(0)).params
   batch = jax.tree.map(jnp.asarray, _batch())
   zeros = jnp.zeros((8, 32, config.model.d_model))
-  loss = lambda d: steps_lib._loss_sums(params, batch, model=programs.model, rng=None,  # noqa: E731
+  loss = lambda d: steps_lib._loss_sums(params, batch, model=programs.model, rng=None,
                                         train=False, embed_delta_BLD=d)[0]
   grad_BLD = jax.grad(loss)(zeros)
   grad_BLD = grad_BLD.at[3].set(0.0)  # A row with no gradient (all padding) stays unperturbed.

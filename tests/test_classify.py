@@ -42,8 +42,7 @@ def test_labels_as_strings_or_class_indices():
 
 def _write(path, records):
   with open(path, "w") as f:
-    for r in records:
-      f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    f.writelines((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
   return str(path)
 
 

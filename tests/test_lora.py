@@ -50,7 +50,7 @@ def _programs_and_base(mesh, **model):
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_step_zero_is_exactly_the_base_model(scan):
-  config, programs, plain, base = _programs_and_base(make_mesh(), scan_layers=scan)
+  _, programs, plain, base = _programs_and_base(make_mesh(), scan_layers=scan)
   adapters = programs.init(jax.random.key(0)).params
   merged = lora_lib.merge(base, adapters, rank=4, alpha=8.0)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), merged, base)
@@ -61,7 +61,7 @@ def test_step_zero_is_exactly_the_base_model(scan):
 
 def test_merge_equals_the_unmerged_low_rank_path():
   """x @ (W + s A B) for a fused-qkv slice and a two-input-axis kernel equals x @ W + s x A B."""
-  config, programs, _, base = _programs_and_base(make_mesh())
+  _, programs, _, base = _programs_and_base(make_mesh())
   adapters = programs.init(jax.random.key(0)).params
   adapters = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape),
                           adapters)  # B nonzero.
@@ -82,13 +82,13 @@ def test_merge_equals_the_unmerged_low_rank_path():
 
 
 def test_only_adapters_train_and_optimizer_state_is_adapter_shaped():
-  config, programs, _, base = _programs_and_base(make_mesh(data=2, fsdp=2, tensor=2))
+  _, programs, _, base = _programs_and_base(make_mesh(data=2, fsdp=2, tensor=2))
   before = jax.device_get(base)
   state = programs.init(jax.random.key(0))
   start = jax.device_get(state.params)
   batch = sharding.global_batch(_batch(), programs.batch_sharding)
   for _ in range(3):
-    state, metrics = programs.train_step(state, batch)
+    state, _ = programs.train_step(state, batch)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(base), before)
   after = jax.device_get(state.params)
   b_moved = [np.abs(a["lora_b"]).max() for m in after.values() for k in m.values()
