@@ -20,7 +20,8 @@ H100 = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3"
 
 
 def _cfg(**overrides):
-  shape = dict(vocab_size=64, num_layers=1, num_heads=2, d_model=32, d_ff=64, max_len=16)
+  shape = {"vocab_size": 64, "num_layers": 1, "num_heads": 2, "d_model": 32, "d_ff": 64,
+           "max_len": 16}
   return model_lib.ModelConfig(**{**shape, **overrides})
 
 
