@@ -23,7 +23,8 @@ of stderr on failure), OUT_DIR/logs/NAME.out and NAME.err its output, and OUT_DI
 is rewritten with every record so far and a table of the key numbers.
 
 The device image has jax, flax, optax and orbax but not ml_collections, grain or array_record.
-Here (with pip): `--fetch_wheels .whl` downloads them for CPython 3.12 on x86-64 Linux; there:
+Here (with pip): `--fetch_wheels .whl` downloads them (and this checkout's optax and orbax, see
+WHEELS) for CPython 3.12 on x86-64 Linux; there:
 `--wheels .whl` installs them with pip --no-index into a temporary folder on the parts'
 PYTHONPATH. `--tiny` runs every part on experiments/gpu_check_tiny.py in seconds: the CPU dry
 run (tests/test_gpu_check.py). The README's "On an accelerator" gives the device command.
@@ -52,9 +53,14 @@ TINY_CONFIG = os.path.join(ROOT, "experiments", "gpu_check_tiny.py")
 ONE_DEVICE = ("--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.tensor=1",
               "--config.host.xla_cpu_flags=")
 GPU_BATCH = 32  # Sequences of 1024 tokens a step: what 80 GB holds without remat.
-# The packages a part imports that the device image lacks, at the versions tested here.
-WHEELS = ("ml_collections", "grain", "array_record", "portpicker", "importlib_resources")
-VERSIONS = ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin", "flax", "optax",
+# Carried to the device at the versions tested here: what its image lacks (ml_collections,
+# grain and what grain needs), and optax and orbax-checkpoint, pure Python and their newest
+# releases, so only jax, jaxlib and flax come from the image (flax newer than 0.12.8 needs the
+# image's jax 0.11).
+WHEELS = ("ml_collections", "grain", "array_record", "portpicker", "importlib_resources",
+          "optax", "orbax-checkpoint")
+VERSIONS = ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin",
+            "jax-cuda13-pjrt", "flax", "optax",
             "orbax-checkpoint", "numpy", "ml_collections", "grain")
 MIN_PART_S = 30  # Below this much budget a part is skipped: it could not finish compiling.
 # --tiny's cap on every part: compiling even the tiny model takes a shared 2-core CPU a minute.
