@@ -342,18 +342,19 @@ def versions() -> dict:
           "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
-# name -> (model overrides, jax_default_matmul_precision, {metric: relative tolerance}).
-# float32 at the highest precision differs from the CPU only in the order of its sums: a few
-# times the CPU-to-CPU tolerance of tests/test_golden.py. TF32 keeps 10 mantissa bits and
-# bfloat16 7, and the five steps' Adam updates amplify round-off in the gradient norm.
+# name -> (model overrides, jax_default_matmul_precision, {metric: relative tolerance}), the
+# largest relative deviation over the five steps. float32 at the highest precision differs
+# from the CPU only in the order of its sums: a few times the CPU-to-CPU tolerance of
+# tests/test_golden.py. TF32 keeps 10 mantissa bits and bfloat16 7, and the Adam updates
+# amplify round-off in the gradient norm: bf16 compute on the CPU deviates 9e-4 in the loss
+# and 6e-2 in the gradient norm (measured, XLA:CPU, jax 0.10.2).
+BF16_TOLERANCE = {"loss": 1e-2, "assistant_loss": 1e-2, "grad_norm": 0.15}
 GOLDEN_VARIANTS = {
     "float32_highest": ({}, "highest", {"loss": 1e-4, "assistant_loss": 1e-4,
                                          "grad_norm": 5e-3}),
     "float32_default": ({}, None, {"loss": 5e-3, "assistant_loss": 5e-3, "grad_norm": 5e-2}),
-    "bfloat16": ({"dtype": "bfloat16"}, None, {"loss": 2e-2, "assistant_loss": 2e-2,
-                                                "grad_norm": 1e-1}),
-    "bfloat16_xla_attention": ({"dtype": "bfloat16", "attention": "xla"}, None,
-                               {"loss": 2e-2, "assistant_loss": 2e-2, "grad_norm": 1e-1}),
+    "bfloat16": ({"dtype": "bfloat16"}, None, BF16_TOLERANCE),
+    "bfloat16_xla_attention": ({"dtype": "bfloat16", "attention": "xla"}, None, BF16_TOLERANCE),
 }
 
 
@@ -463,9 +464,13 @@ def main(argv=None):
     paths.insert(0, install_wheels(args.wheels, args.out_dir))
   env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [env.get("PYTHONPATH")] if p])
   env["PYTHONUNBUFFERED"] = "1"
-  header = {"started_utc": datetime.datetime.now(datetime.UTC).isoformat(
-      timespec="seconds"), "budget_s": args.budget, "tiny": args.tiny,
-            "config": TINY_CONFIG if args.tiny else GPU_CONFIG, "wheels": args.wheels}
+  # JAX takes 75% of GPU memory by default; one part at a time may take more (XLA attention
+  # keeps batch 32's score matrices, ~30 GB, beside the rest).
+  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+  started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+  header = {"started_utc": started, "budget_s": args.budget, "tiny": args.tiny,
+            "config": TINY_CONFIG if args.tiny else GPU_CONFIG, "wheels": args.wheels,
+            "mem_fraction": env["XLA_PYTHON_CLIENT_MEM_FRACTION"]}
   summary = run_parts(parts, args.out_dir, args.budget, env, header,
                       best=not args.only or "train_best" in args.only.split(","),
                       tiny=args.tiny, min_part_s=5 if args.tiny else MIN_PART_S)
