@@ -53,6 +53,7 @@ TINY_CONFIG = os.path.join(ROOT, "experiments", "gpu_check_tiny.py")
 ONE_DEVICE = ("--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.tensor=1",
               "--config.host.xla_cpu_flags=")
 GPU_BATCH = 32  # Sequences of 1024 tokens a step: what 80 GB holds without remat.
+TINY_BATCH = 8  # experiments/gpu_check_tiny.py's.
 # Carried to the device at the versions tested here: what its image lacks (ml_collections,
 # grain and what grain needs), and optax and orbax-checkpoint, pure Python and their newest
 # releases, so only jax, jaxlib and flax come from the image (flax newer than 0.12.8 needs the
@@ -118,7 +119,7 @@ def _bench(kind: str, *args: str) -> tuple[str, ...]:
 
 def train_part(name: str, levers: list[str], tiny: bool) -> Part:
   """`bench train` with `levers` applied to train_base."""
-  base = 8 if tiny else GPU_BATCH
+  base = TINY_BATCH if tiny else GPU_BATCH
   batch, overrides, flags = base, [], []
   for lever in map(LEVERS.__getitem__, levers):
     batch = max(1, int(base * lever.batch)) if lever.batch != 1 else batch
@@ -136,13 +137,12 @@ def plan(tiny: bool) -> list[Part]:
   if tiny:
     caps = {k: TINY_CAP_S for k in caps}
   own = ("-m", "gptjax.bench.gpu_check", "--part")
-  tiny_arg = ("--tiny",) if tiny else ()
-  batch = 8 if tiny else GPU_BATCH
+  batch = TINY_BATCH if tiny else GPU_BATCH
   return [
-      Part("versions", (*own, "versions", *tiny_arg), caps["versions"],
+      Part("versions", (*own, "versions"), caps["versions"],
            about="software versions and the device"),
       train_part("train_base", [], tiny),
-      Part("golden", (*own, "golden", *tiny_arg), caps["golden"],
+      Part("golden", (*own, "golden"), caps["golden"],
            about="tests/test_golden.py's losses on this device"),
       Part("decode", _bench("decode", *_config_args(tiny, batch), "--batch_sizes=1,8,64"),
            caps["decode"], about="cached decoding at batch 1, 8 and 64"),
@@ -157,8 +157,9 @@ def best_levers(records: dict) -> list[str]:
   fastest), or [] when fewer than two did: then the best is already measured."""
   def rate(name):
     record = records.get(name) or {}
-    return (record.get("result") or {}).get("tokens_per_sec") if record.get("status") == "ok" \
-        else None
+    if record.get("status") != "ok":
+      return None
+    return record["result"].get("tokens_per_sec")
 
   base = rate("train_base")
   if not base:
