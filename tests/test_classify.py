@@ -12,6 +12,7 @@ from gptjax import classify
 from gptjax import config as config_lib
 from gptjax import evaluate as evaluate_lib
 from gptjax import metrics as metrics_lib
+from gptjax import runs
 from gptjax.errors import UserError
 
 LABELS = ("hotel", "flight", "table")
@@ -103,6 +104,8 @@ def test_a_learnable_task_reaches_full_accuracy(tmp_path, workdir):
   assert result.last_eval["accuracy"] >= 0.95, result.last_eval
   rows = metrics_lib.read_rows(f"{workdir}/metrics.jsonl")
   assert all("accuracy" in r for r in rows)
+  df = runs.load(workdir)  # The notebooks' loader carries the new columns.
+  assert df[df["split"] == "eval"]["macro_f1"].notna().all()
 
   metrics = evaluate_lib.eval_workdir(workdir, mesh=make_mesh())
   assert metrics["accuracy"] >= 0.95 and metrics["macro_f1"] >= 0.9
