@@ -216,3 +216,21 @@ def test_lora_classification_trains_the_adapters_and_a_new_head():
   assert not np.array_equal(jax.device_get(state.params["classifier"]["kernel"]), head)
   sums = programs.eval_step(state.params, batch)
   assert sums["confusion"].shape == (3, 3)
+
+
+def test_dropout_drops_whole_input_features_of_the_adapter_path():
+  _, programs, _, base = _programs_and_base(make_mesh())
+  adapters = programs.init(jax.random.key(0)).params
+  adapters = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape),
+                          adapters)
+  fold = functools.partial(lora_lib.merge, base, adapters, rank=4, alpha=8.0)
+  full = fold()["block_0"]["mlp"]["wi"] - base["block_0"]["mlp"]["wi"]  # [D, F]
+  dropped = fold(dropout=0.5, rng=jax.random.key(5))["block_0"]["mlp"]["wi"] \
+      - base["block_0"]["mlp"]["wi"]
+  # Each input row of the delta is either gone or scaled by 1 / (1 - rate).
+  kept = np.abs(np.asarray(dropped)).sum(1) > 0
+  assert 0 < kept.sum() < len(kept)
+  np.testing.assert_allclose(dropped[kept], 2 * full[kept], rtol=1e-4, atol=1e-6)
+  # No rng (evaluation): no dropout.
+  np.testing.assert_array_equal(fold(dropout=0.5)["block_0"]["mlp"]["wi"],
+                                fold()["block_0"]["mlp"]["wi"])
