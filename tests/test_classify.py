@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 from conftest import gptjax, make_mesh, run_stage, tiny_config
 
-from gptjax import classify
+from gptjax import classify, runs
 from gptjax import config as config_lib
 from gptjax import evaluate as evaluate_lib
 from gptjax import metrics as metrics_lib
-from gptjax import runs
 from gptjax.errors import UserError
 
 LABELS = ("hotel", "flight", "table")
