@@ -117,3 +117,80 @@ def add_chat_tokens(tokenizer: tokenizers.Tokenizer) -> int:
     tokenizer.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
                                   for t in missing])
   return len(missing)
+
+
+# ----------------------------------------------------------------------------- export
+
+# gptjax's chat template (gptjax/dialogue.py) in Jinja, for tokenizer_config.json: role
+# markers and <|end|> are special tokens, so transformers' apply_chat_template gives the ids
+# gptjax's renderer gives.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}")
+
+
+def _pieces(tokenizer) -> tuple[str, str, str]:
+  return (tokenizer.id_to_piece(tokenizer.bos_id), tokenizer.id_to_piece(tokenizer.eos_id),
+          tokenizer.id_to_piece(tokenizer.pad_id))
+
+
+def from_sentencepiece(tokenizer: sp_lib.Tokenizer) -> tokenizers.Tokenizer:
+  """A tokenizers.Tokenizer that encodes text to the ids of a gptjax SentencePiece model.
+
+  The model's pieces (scores for unigram; for BPE, merges ordered by the merged piece's id,
+  SentencePiece's merge priority) with byte fallback, spaces as "▁" split before each word
+  (SentencePiece's whitespace split, no dummy prefix), and the reserved pieces as added
+  tokens. Unlike gptjax's encoder, it reads a literal "▁" in text as a space.
+  """
+  import sentencepiece  # pylint: disable=g-import-not-at-top
+  sp = sentencepiece.SentencePieceProcessor(model_proto=tokenizer.model_bytes)
+  pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
+  vocab = {p: i for i, p in enumerate(pieces)}
+  unigram = _model_type(tokenizer.model_bytes) == "unigram"
+  if unigram:
+    model = tokenizers.models.Unigram([(p, sp.get_score(i)) for i, p in enumerate(pieces)],
+                                      unk_id=sp_lib.UNK_ID, byte_fallback=True)
+  else:
+    merges = []
+    for i, piece in enumerate(pieces):
+      if not sp.is_unknown(i) and not sp.is_control(i) and not sp.is_byte(i):
+        for cut in range(1, len(piece)):
+          left, right = piece[:cut], piece[cut:]
+          if left in vocab and right in vocab:
+            merges.append((i, vocab[left], vocab[right], left, right))
+    merges.sort()
+    model = tokenizers.models.BPE(vocab, [(m[3], m[4]) for m in merges], unk_token="<unk>",
+                                  byte_fallback=True, fuse_unk=True)
+  tok = tokenizers.Tokenizer(model)
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(prepend_scheme="never", split=True)
+  tok.decoder = tokenizers.decoders.Sequence([
+      tokenizers.decoders.Replace("\u2581", " "), tokenizers.decoders.ByteFallback(),
+      tokenizers.decoders.Fuse()])
+  tok.add_special_tokens([tokenizers.AddedToken(p, special=True, normalized=False)
+                          for p in sp_lib.RESERVED_PIECES if p != sp_lib.NEWLINE])
+  tok.add_tokens([tokenizers.AddedToken(sp_lib.NEWLINE, special=False, normalized=False)])
+  return tok
+
+
+def _model_type(model_bytes: bytes) -> str:
+  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
+  proto = sentencepiece_model_pb2.ModelProto()
+  proto.ParseFromString(model_bytes)
+  return {1: "unigram", 2: "bpe"}.get(proto.trainer_spec.model_type, "bpe")
+
+
+def export_files(tokenizer, max_len: int) -> dict[str, str]:
+  """File name -> text of the tokenizer files AutoTokenizer loads, for either kind."""
+  if isinstance(tokenizer, TokenizersTokenizer):
+    backend = tokenizer.backend
+  else:
+    backend = from_sentencepiece(tokenizer)
+  bos, eos, pad = _pieces(tokenizer)
+  config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
+            "pad_token": pad, "model_max_length": max_len, "chat_template": CHAT_TEMPLATE,
+            "clean_up_tokenization_spaces": False, "add_bos_token": False,
+            "add_eos_token": False}
+  return {"tokenizer.json": backend.to_str(),
+          "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False)}
