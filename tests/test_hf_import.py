@@ -213,3 +213,27 @@ def test_import_command_writes_a_workdir_and_says_so(tmp_path):
   assert sorted(os.listdir(out)) == ["checkpoints", "config.json", "tokenizer.model"]
   bad = gptjax("import-hf", "--model", str(tmp_path / "nope"), "--workdir", str(tmp_path / "x"))
   assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0, bad.stderr
+
+
+@pytest.mark.slow
+def test_dialogue_stage_from_an_imported_model_trains_and_chats(imported, tmp_path):
+  import runpy
+
+  from conftest import run_stage, write_chats
+
+  from gptjax import metrics as metrics_lib
+
+  config = runpy.run_path(os.path.join(ROOT, "experiments", "hf_dialogue.py"))["get_config"](
+      imported["llama_gqa_untied"])
+  config.data.update(train_files=write_chats(tmp_path / "chats.jsonl", 40),
+                     eval_files=write_chats(tmp_path / "dev.jsonl", 8, 1), eval_batches=2)
+  config.train.update(steps=12, batch_size=8, learning_rate=3e-3, warmup_steps=1,
+                      log_every=1, eval_every=6, checkpoint_every=6)
+  workdir = tmp_path / "dialogue"
+  run_stage(config, workdir, mesh=make_mesh(data=2))
+  rows = [r for r in metrics_lib.read_rows(str(workdir / "metrics.jsonl"))
+          if r["split"] == "train"]
+  assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, [r["loss"] for r in rows]
+  result = gptjax("chat", "--workdir", workdir, "--message", "I need a hotel in Paris.",
+                  "--temperature", "0", "--max_new_tokens", "8")
+  assert result.returncode == 0 and result.stdout.strip(), result.stderr
