@@ -28,21 +28,21 @@ EOS = "<|endoftext|>"
 
 FAMILIES = {
     # name: (config class, kwargs); vocab_size filled in from the tokenizer.
-    "gpt2": (transformers.GPT2Config, dict(n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                           n_inner=64)),
-    "llama_gqa_untied": (transformers.LlamaConfig, dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
-        rope_theta=500.0, tie_word_embeddings=False)),
-    "llama_tied": (transformers.LlamaConfig, dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=64, rms_norm_eps=1e-6,
-        tie_word_embeddings=True)),
+    "gpt2": (transformers.GPT2Config, {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64,
+                                           "n_inner": 64}),
+    "llama_gqa_untied": (transformers.LlamaConfig, {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+        "rope_theta": 500.0, "tie_word_embeddings": False}),
+    "llama_tied": (transformers.LlamaConfig, {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True}),
     # Qwen2 style: q/k/v biases, GQA, tied, embedding rows beyond the tokenizer's tokens.
-    "qwen2": (transformers.Qwen2Config, dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=1, max_position_embeddings=64, rms_norm_eps=1e-6,
-        rope_theta=10000.0, tie_word_embeddings=True, use_sliding_window=False)),
+    "qwen2": (transformers.Qwen2Config, {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 1, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0, "tie_word_embeddings": True, "use_sliding_window": False}),
 }
 EXTRA_ROWS = {"qwen2": 20}
 

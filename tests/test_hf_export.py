@@ -13,16 +13,13 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import tokenizers
-
 from conftest import gptjax
+from test_hf_import import FAMILIES, GOLDENS, imported  # noqa: F401  (a fixture)
 
 from gptjax import config as config_lib
-from gptjax import dialogue
-from gptjax import generate
+from gptjax import dialogue, generate
 from gptjax import workdir as workdir_lib
 from gptjax.hf import exporter, importer, weights
-
-from test_hf_import import FAMILIES, GOLDENS, imported  # noqa: F401  (a fixture)
 
 HAS_TRANSFORMERS = all(importlib.util.find_spec(m) for m in ("transformers", "torch"))
 needs_transformers = pytest.mark.skipif(
@@ -47,7 +44,7 @@ def exported(imported, tmp_path_factory):  # noqa: F811
 
 
 def _logits(workdir, ids=IDS):
-  generator, tokenizer = generate.load(workdir)
+  generator, _tokenizer = generate.load(workdir)
   return np.asarray(generator.model.apply({"params": generator.params}, jnp.asarray([ids]))[0])
 
 

@@ -5,15 +5,12 @@ import json
 import os
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import ROOT, gptjax, make_mesh
 
-from gptjax import dialogue
-from gptjax import generate
+from gptjax import dialogue, generate
 from gptjax import model as model_lib
 from gptjax import tokenizer as sp_lib
 from gptjax import workdir as workdir_lib

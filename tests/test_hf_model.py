@@ -8,15 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import make_mesh
 
 from gptjax import config as config_lib
 from gptjax import model as model_lib
 from gptjax import sharding
 
-TINY = dict(vocab_size=61, num_layers=2, num_heads=4, d_model=32, d_ff=64, max_len=16,
-            positions="rope", norm="rmsnorm", mlp="swiglu")
+TINY = {"vocab_size": 61, "num_layers": 2, "num_heads": 4, "d_model": 32, "d_ff": 64, "max_len": 16,
+            "positions": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
 
 
 def _init(cfg, seed=0):

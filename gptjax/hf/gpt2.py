@@ -25,11 +25,11 @@ def model_config(c: dict) -> dict:
                     "expected scale_attn_weights=true and scale_attn_by_inverse_layer_idx="
                     "false.")
   d = c["n_embd"]
-  return dict(num_layers=c["n_layer"], num_heads=c["n_head"], d_model=d,
-              d_ff=c.get("n_inner") or 4 * d, max_len=c["n_positions"], positions="learned",
-              norm="layernorm", mlp="gelu", use_bias=True,
-              tie_embeddings=c.get("tie_word_embeddings", True),
-              norm_eps=float(c.get("layer_norm_epsilon", 1e-5)))
+  return {"num_layers": c["n_layer"], "num_heads": c["n_head"], "d_model": d,
+              "d_ff": c.get("n_inner") or 4 * d, "max_len": c["n_positions"], "positions": "learned",
+              "norm": "layernorm", "mlp": "gelu", "use_bias": True,
+              "tie_embeddings": c.get("tie_word_embeddings", True),
+              "norm_eps": float(c.get("layer_norm_epsilon", 1e-5))}
 
 
 def exportable(m) -> str | None:
@@ -86,4 +86,4 @@ def rows(m, biases: bool = True) -> list[Row]:
 
 def hf_name(name: str) -> str:
   """A checkpoint's tensor name as this table spells it (hub GPT-2 files lack the prefix)."""
-  return name if name.startswith(PREFIX) or name.startswith("lm_head") else PREFIX + name
+  return name if name.startswith((PREFIX, "lm_head")) else PREFIX + name

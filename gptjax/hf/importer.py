@@ -23,9 +23,8 @@ from gptjax import model as model_lib
 from gptjax import sharding
 from gptjax import workdir as workdir_lib
 from gptjax.errors import UserError
-from gptjax.hf import gpt2, llama
+from gptjax.hf import gpt2, llama, weights
 from gptjax.hf import tokenizer as tok_lib
-from gptjax.hf import weights
 
 FAMILIES = {arch: family for family in (gpt2, llama) for arch in family.ARCHITECTURES}
 

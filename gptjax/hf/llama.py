@@ -43,13 +43,13 @@ def model_config(c: dict) -> dict:
   if c.get("sliding_window") and c.get("use_sliding_window", True):
     # Within the window, sliding-window attention is full causal attention.
     max_len = min(max_len, c["sliding_window"])
-  return dict(num_layers=c["num_hidden_layers"], num_heads=heads, d_model=d,
-              d_ff=c["intermediate_size"], max_len=max_len, positions="rope",
-              rope_theta=_rope_theta(c), norm="rmsnorm", mlp="swiglu", use_bias=False,
-              qkv_bias=arch == "Qwen2ForCausalLM",
-              num_kv_heads=c.get("num_key_value_heads") or heads,
-              tie_embeddings=c.get("tie_word_embeddings", False),
-              norm_eps=float(c.get("rms_norm_eps", 1e-6)))
+  return {"num_layers": c["num_hidden_layers"], "num_heads": heads, "d_model": d,
+              "d_ff": c["intermediate_size"], "max_len": max_len, "positions": "rope",
+              "rope_theta": _rope_theta(c), "norm": "rmsnorm", "mlp": "swiglu", "use_bias": False,
+              "qkv_bias": arch == "Qwen2ForCausalLM",
+              "num_kv_heads": c.get("num_key_value_heads") or heads,
+              "tie_embeddings": c.get("tie_word_embeddings", False),
+              "norm_eps": float(c.get("rms_norm_eps", 1e-6))}
 
 
 def exportable(m) -> str | None:
