@@ -172,3 +172,30 @@ def test_transformers_loads_a_trained_gptjax_model_and_its_sentencepiece_tokeniz
   for messages in CONVERSATIONS:
     assert (_template_ids(hf_tokenizer, messages, True)
             == dialogue.render_prompt(messages, tokenizer))
+
+
+def test_a_scan_layers_workdir_exports_the_same_files(imported, exported, tmp_path):  # noqa: F811
+  from gptjax import checkpoint as ckpt_lib
+  from gptjax import config as config_lib
+
+  name = "llama_gqa_untied"
+  generator, _ = generate.load(imported[name])
+  params = dict(generator.params)
+  blocks = [params.pop(f"block_{i}") for i in range(2)]
+  params["blocks"] = jax.tree.map(lambda *x: jnp.stack(x), *blocks)
+  config = workdir_lib.read_config(imported[name])
+  scanned = str(tmp_path / "scanned")
+  os.makedirs(scanned)
+  workdir_lib.atomic_write(workdir_lib.config_path(scanned), config_lib.to_json(
+      config.replace(model={"scan_layers": True})))
+  workdir_lib.atomic_write(workdir_lib.tokenizer_path(scanned),
+                           workdir_lib.load_tokenizer(imported[name]).model_bytes)
+  checkpoints = ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(scanned))
+  checkpoints.save(0, {"params": params})
+  checkpoints.wait()
+  checkpoints.close()
+  exporter.export_hf(scanned, str(tmp_path / "out"))
+  for file_name in ("model.safetensors", "config.json", "tokenizer.json"):
+    with open(tmp_path / "out" / file_name, "rb") as a, \
+         open(os.path.join(exported[name], file_name), "rb") as b:
+      assert a.read() == b.read(), file_name
