@@ -234,3 +234,33 @@ def test_dialogue_stage_from_an_imported_model_trains_and_chats(imported, tmp_pa
   result = gptjax("chat", "--workdir", workdir, "--message", "I need a hotel in Paris.",
                   "--temperature", "0", "--max_new_tokens", "8")
   assert result.returncode == 0 and result.stdout.strip(), result.stderr
+
+
+def test_mistral_style_config_reads_like_llama_within_its_window():
+  from gptjax.hf import llama
+
+  with open(os.path.join(GOLDENS, "llama_gqa_untied", "config.json")) as f:
+    config = json.load(f)
+  mistral = {**config, "architectures": ["MistralForCausalLM"], "sliding_window": 32,
+             "rope_theta": 1e6, "rope_parameters": None}
+  assert importer.family_of(mistral) is llama
+  keys = llama.model_config(mistral)
+  assert (keys["max_len"], keys["rope_theta"], keys["num_kv_heads"]) == (32, 1e6, 2)
+  assert not keys["qkv_bias"]
+
+
+def test_bfloat16_import_stores_bfloat16_and_stays_close(tmp_path):
+  workdir = importer.import_hf(os.path.join(GOLDENS, "llama_tied"), str(tmp_path / "bf16"),
+                               dtype="bfloat16")
+  generator, _ = generate.load(workdir)
+  assert generator.params["embedding"].dtype == jnp.bfloat16
+  g = golden("llama_tied")
+  logits = generator.model.apply({"params": generator.params}, jnp.asarray(g["ids"])[None])[0]
+  np.testing.assert_allclose(logits[:, :300], g["logits"], atol=0.25)
+
+
+def test_sample_runs_on_an_imported_workdir(imported):
+  result = gptjax("sample", "--workdir", imported["gpt2"], "--prompt", "The quick",
+                  "--max_new_tokens", "4", "--temperature", "0", "--json")
+  assert result.returncode == 0, result.stderr
+  assert json.loads(result.stdout.splitlines()[-1])["tokens"] <= 4
