@@ -79,8 +79,12 @@ def test_chat_tokens_are_added_special_tokens_whose_rows_are_the_mean(imported, 
   assert tokenizer.eos_id == tokenizer.bos_id == 0 and tokenizer.vocab_size == 384
   generator, _ = generate.load(imported[name])
   embedding = np.asarray(generator.params["embedding"])
-  np.testing.assert_allclose(embedding[300:], np.broadcast_to(embedding[:300].mean(0),
-                                                              (84, 32)), atol=1e-6)
+  mean = embedding[:300].mean(0)
+  # The chat tokens' rows and the new padding rows hold the mean; qwen2's own rows past its
+  # tokenizer (300..319, in its checkpoint) are kept, so importing an export is exact.
+  new_rows = [*range(300, 304), *range(320 if name == "qwen2" else 304, 384)]
+  np.testing.assert_allclose(embedding[new_rows], np.broadcast_to(mean, (len(new_rows), 32)),
+                             atol=1e-6)
   assert generator.stop_ids == (303, 0)
 
 
@@ -115,7 +119,7 @@ def test_imported_checkpoint_restores_onto_another_mesh(imported):
   ids = jnp.asarray(golden(name)["ids"])[None]
   one, _ = generate.load(imported[name], mesh=make_mesh(data=8))
   other, _ = generate.load(imported[name], mesh=make_mesh(data=2, fsdp=2, tensor=2))
-  assert other.params["embedding"].sharding.spec == ("tensor", "fsdp")
+  assert tuple(other.params["embedding"].sharding.spec) == ("tensor", "fsdp")
   np.testing.assert_allclose(other.model.apply({"params": other.params}, ids),
                              one.model.apply({"params": one.params}, ids), atol=1e-5)
 

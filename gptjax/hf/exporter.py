@@ -105,7 +105,9 @@ def export_hf(workdir: str, out: str, *, step=None, dtype: str | None = None, me
   hf_config = family.hf_config(m)
   ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
          "pad_token_id": tokenizer.pad_id}
-  hf_config.update(ids, dtype="bfloat16" if dtype != np.float32 else "float32")
+  dtype_name = "bfloat16" if dtype != np.float32 else "float32"
+  # transformers 5 reads `dtype`; earlier versions (and some servers) `torch_dtype`.
+  hf_config.update(ids, dtype=dtype_name, torch_dtype=dtype_name)
   generation = {**ids, "eos_token_id": [tokenizer.end_id, tokenizer.eos_id],
                 "max_length": m.max_len}
 
