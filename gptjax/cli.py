@@ -20,7 +20,8 @@
   export-hf --workdir DIR --out HF_DIR [--step N|best] [--dtype float32|bfloat16]
            Writes a checkpoint as a Hugging Face model directory transformers loads.
   bench    decode (--workdir DIR | --config experiments/NAME.py) [--step N|best]
-           Prefill and decode tokens/s at batch 1 and 8 against the machine's limits, as JSON.
+           [--batch_sizes 1,8,64]
+           Prefill and decode tokens/s at each batch size against the machine's limits, as JSON.
   bench    train --config experiments/NAME.py [--steps N] [--torch auto|on|off]
            Train step tokens/s, compile time and MFU (on the CPU, next to the PyTorch
            reference step's tokens/s), as JSON.
@@ -86,6 +87,8 @@ _BENCH_STEPS = flags.DEFINE_integer("steps", 20, "bench train: timed steps after
 _TORCH = flags.DEFINE_enum(
     "torch", "auto", ["auto", "on", "off"], "bench train: also time the PyTorch reference step "
     "(gptjax/bench/torch_gpt.py); auto: when torch is installed and the run is on the CPU.")
+_BATCH_SIZES = flags.DEFINE_list(
+    "batch_sizes", ["1", "8"], "bench decode: batch sizes to time, comma-separated.")
 
 
 def _require(flag, name: str, command: str):
@@ -278,8 +281,16 @@ def cmd_bench(kind: str | None = None):
     raise UserError(f"`bench` needs one of: {', '.join(bench.BENCHMARKS)}; e.g. "
                     "`python -m gptjax bench decode --workdir DIR`.")
   config = _stage_config("bench") if _CONFIG.value is not None else None
+  try:
+    batch_sizes = tuple(int(b) for b in _BATCH_SIZES.value)
+  except ValueError:
+    batch_sizes = ()
+  if not batch_sizes or min(batch_sizes) < 1:
+    raise UserError(f"--batch_sizes={','.join(_BATCH_SIZES.value)} is not a list of batch "
+                    "sizes; expected positive integers, e.g. --batch_sizes=1,8,64.")
   print(json.dumps(bench.run(kind, workdir=_WORKDIR.value, config=config, step=_step(),
-                             steps=_BENCH_STEPS.value, torch=_TORCH.value), indent=2))
+                             steps=_BENCH_STEPS.value, torch=_TORCH.value,
+                             batch_sizes=batch_sizes), indent=2))
 
 
 def cmd_import_hf():
@@ -342,7 +353,7 @@ COMMANDS = {
     "sample": (cmd_sample, ("workdir", "step", "prompt", "prompt_file", "json", "num_samples",
                             *SAMPLING_FLAGS)),
     "chat": (cmd_chat, ("workdir", "step", "system", "message", "json", *SAMPLING_FLAGS)),
-    "bench": (cmd_bench, ("config", "workdir", "step", "steps", "torch")),
+    "bench": (cmd_bench, ("config", "workdir", "step", "steps", "torch", "batch_sizes")),
     "import-hf": (cmd_import_hf, ("model", "workdir", "dtype")),
     "export-hf": (cmd_export_hf, ("workdir", "step", "out", "dtype")),
 }
