@@ -41,9 +41,11 @@ from gptjax.errors import UserError
 # slice on the axis after the input axes, or None for the whole kernel, number of input axes).
 # The one place that knows the model's parameter layout: update it when the model's names change.
 TARGETS = {
-    "q": ((("attn", "qkv"), 0, 1),),
-    "k": ((("attn", "qkv"), 1, 1),),
-    "v": ((("attn", "qkv"), 2, 1),),
+    # The fused projection qkv [D, 3, H, K], or with grouped-query attention (num_kv_heads
+    # below num_heads) q [D, H, K] and kv [D, 2, G, K].
+    "q": ((("attn", "qkv"), 0, 1), (("attn", "q"), None, 1)),
+    "k": ((("attn", "qkv"), 1, 1), (("attn", "kv"), 0, 1)),
+    "v": ((("attn", "qkv"), 2, 1), (("attn", "kv"), 1, 1)),
     "o": ((("attn", "out"), None, 2),),
     "mlp_in": ((("mlp", "wi"), None, 1), (("mlp", "wi_gate"), None, 1),
                (("mlp", "wi_up"), None, 1)),

@@ -48,15 +48,21 @@ def _programs_and_base(mesh, **model):
   return config, programs.with_base(base), plain, base
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_step_zero_is_exactly_the_base_model(scan):
-  _, programs, plain, base = _programs_and_base(make_mesh(), scan_layers=scan)
+@pytest.mark.parametrize("model", [{}, {"scan_layers": True}, {"num_kv_heads": 1}],
+                         ids=["blocks", "scanned", "grouped_query"])
+def test_step_zero_is_exactly_the_base_model(model):
+  _, programs, plain, base = _programs_and_base(make_mesh(), **model)
   adapters = programs.init(jax.random.key(0)).params
   merged = lora_lib.merge(base, adapters, rank=4, alpha=8.0)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), merged, base)
   tokens = jnp.asarray(_batch()["inputs"])
   np.testing.assert_array_equal(programs.model.apply({"params": merged}, tokens),
                                 plain.model.apply({"params": base}, tokens))
+  if model.get("num_kv_heads"):  # Separate q and kv kernels: v adapts kv's second slice only.
+    assert set(adapters["block_0"]["attn"]) == {"q", "kv", "out"}
+    moved = jax.tree.map(lambda x: x + 0.1, adapters)
+    kv = lora_lib.merge(base, moved, rank=4, alpha=8.0)["block_0"]["attn"]["kv"]
+    assert not np.array_equal(kv[:, 1], base["block_0"]["attn"]["kv"][:, 1])
 
 
 def test_merge_equals_the_unmerged_low_rank_path():
