@@ -29,6 +29,7 @@ anything else is a bug in gptjax: its traceback, a line saying so, and exit stat
 
 import json
 import re
+import runpy
 import sys
 import traceback
 
@@ -241,6 +242,9 @@ def cmd_chat():
   from gptjax import chat, generate
 
   workdir = _require(_WORKDIR, "workdir", "chat")
+  for i, message in enumerate(_MESSAGE.value or []):
+    if not message.strip():
+      raise UserError(f"--message number {i + 1} is empty; give every --message some text.")
   sampling = _sampling()
   if sampling.num_samples != 1:
     raise UserError("`chat` gives one reply per message; drop --num_samples.")
@@ -334,7 +338,7 @@ def main(argv):
   # First, before jax starts: this may re-execute the command (gptjax/host.py).
   host = _host_config()
   host_lib.apply(host["hugepages"], host["xla_cpu_flags"], sys.argv)
-  from gptjax.train import NonFiniteLossError  # pylint: disable=g-import-not-at-top
+  from gptjax.train import Interrupted, NonFiniteLossError  # pylint: disable=g-import-not-at-top
 
   command = argv[1]
   try:
@@ -343,6 +347,14 @@ def main(argv):
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                     auto=_DISTRIBUTED.value)
     COMMANDS[command][0](*argv[2:])
+  except Interrupted as e:
+    # SIGTERM/SIGINT during training: the step's checkpoint is saved; say how to resume.
+    print(f"gptjax {command}: {e}", file=sys.stderr)
+    sys.exit(e.exit_status)
+  except KeyboardInterrupt:
+    print(f"gptjax {command}: interrupted (Ctrl-C); nothing was saved that was not saved "
+          "before.", file=sys.stderr)
+    sys.exit(130)
   except (UserError, NonFiniteLossError) as e:
     # Problems the user can fix (bad config, missing dataset, diverged loss): one line.
     print(f"gptjax {command}: error: {e}", file=sys.stderr)
@@ -354,5 +366,89 @@ def main(argv):
     sys.exit(2)
 
 
+def _fail(message: str):
+  """Refuses the command line before any command starts: one line, exit status 1."""
+  print(f"gptjax: error: {message}", file=sys.stderr)
+  sys.exit(1)
+
+
+def _not_utf8(arg: str) -> bool:
+  # Python decodes argv bytes that are not UTF-8 into lone surrogates (surrogateescape).
+  return any("\udc80" <= ch <= "\udcff" for ch in arg)
+
+
+def _unknown_override(config, argv) -> str | None:
+  """The first `--config.A.B=V` whose key path is not in `config` (as written)."""
+  for arg in argv:
+    match = re.fullmatch(r"--config\.([^=]+)(=.*)?", arg)
+    if not match:
+      continue
+    node, path = config, match.group(1).split(".")
+    for i, key in enumerate(path):
+      if not hasattr(node, "keys") or key not in node.keys():
+        where = ".".join(path[:i]) or "the config"
+        return (f"--config.{match.group(1)}: {where} has no key {key!r}; check the spelling "
+                f"(gptjax/config.py lists every key)")
+      node = node[key]
+  return None
+
+
+def _config_file_error(path: str, error: BaseException) -> str:
+  what = f"{type(error).__name__}: {error}".replace("\n", " ")
+  if isinstance(error, AttributeError) and "get_config" in str(error):
+    what = "it defines no get_config()"
+  elif isinstance(error, SyntaxError):
+    what = f"syntax error at line {error.lineno}: {error.msg}"
+  return (f"--config {path} could not be loaded ({what}); pass an experiment file that "
+          "defines get_config(), such as experiments/shakespeare_pretrain.py")
+
+
+def _config_arg(argv: list[str]) -> str | None:
+  """The value of --config as written (`--config FILE` or `--config=FILE`)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every problem of the command line as one line and exit 1
+  (absl and ml_collections would print tracebacks or several lines)."""
+  for arg in argv[1:]:
+    if _not_utf8(arg):
+      _fail(f"argument {arg.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8; pass "
+            "text in UTF-8 (check the terminal's or the script's encoding)")
+  config_arg = _config_arg(argv)
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e).replace("\n", " "))
+  except Exception as e:  # pylint: disable=broad-except
+    # Raised while running the experiment file or applying an override to its config.
+    if isinstance(e, (AttributeError, KeyError)) and config_arg:
+      try:  # Was it an override naming no key? Ask the experiment's config itself.
+        unknown = _unknown_override(runpy.run_path(config_arg)["get_config"](), argv[1:])
+      except Exception:  # pylint: disable=broad-except
+        unknown = None
+      if unknown:
+        _fail(unknown)
+    _fail(_config_file_error(config_arg, e))
+  if flags.FLAGS["config"].present:
+    config = flags.FLAGS["config"].value
+    if config is None:
+      _fail(f"--config {config_arg}: get_config() returned None; make it return the config")
+    try:
+      "stages" in config  # pylint: disable=pointless-statement
+    except OSError as e:
+      cause = e.__cause__ or e
+      if "No such file" in str(cause):
+        _fail(f"--config {config_arg} does not exist; pass an experiment file such as "
+              "experiments/shakespeare_pretrain.py")
+      _fail(_config_file_error(config_arg, cause))
+  return rest
+
+
 def run():
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
