@@ -13,9 +13,9 @@ import threading
 import time
 
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
 from gptjax import checkpoint as ckpt_lib
 from gptjax import datasets
@@ -180,17 +180,37 @@ def train(stage: workdir_lib.Stage, *, mesh=None, progress: bool = True) -> Trai
   there is one."""
   started = time.perf_counter()
   config, workdir = stage.config, stage.workdir
-  mesh = mesh or sharding.make_mesh(config.mesh.sizes)
+  mesh = mesh or sharding.make_mesh(config.mesh.sizes)  # Checks the mesh against the devices.
   steps_lib.validate(config, mesh)
-  t = config.train
-  checkpoint_dir = workdir_lib.checkpoint_dir(workdir)
-  tokenizer = workdir_lib.prepare(stage, lambda: datasets.tokenizer_texts(config))
-  primary = jax.process_index() == 0
+  lock = workdir_lib.Lock(workdir)
+  lock.acquire()  # Before any work: a workdir in use is refused at once.
+  try:
+    return _train(stage, mesh, progress, lock, started)
+  finally:
+    lock.release()
+
+
+def _datasets(config, tokenizer):
+  """(train dataset, eval batches, notes): reading them is the last check before writing."""
   train_ds, notes = datasets.train_dataset(
-      config, tokenizer, batch_size=t.batch_size // jax.process_count(),
+      config, tokenizer, batch_size=config.train.batch_size // jax.process_count(),
       shard_index=jax.process_index(), shard_count=jax.process_count())
   eval_batches, eval_notes = datasets.eval_batches(config, tokenizer)
-  for note in notes + eval_notes if primary and progress else ():
+  return train_ds, eval_batches, notes + eval_notes
+
+
+def _train(stage, mesh, progress, lock, started) -> TrainResult:
+  config, workdir, t = stage.config, stage.workdir, stage.config.train
+  checkpoint_dir = workdir_lib.checkpoint_dir(workdir)
+  read = {}
+  # Every dataset is read before the workdir is written (on process 0, in `prepare`), so a
+  # missing split or an unusable file leaves the workdir as it was.
+  tokenizer = workdir_lib.prepare(stage, lambda: datasets.tokenizer_texts(config),
+                                  before_writing=lambda tok: read.update(d=_datasets(config, tok)))
+  lock.acquire()  # The workdir exists now.
+  primary = jax.process_index() == 0
+  train_ds, eval_batches, notes = read.get("d") or _datasets(config, tokenizer)
+  for note in notes if primary and progress else ():
     print(note)
 
   programs = steps_lib.compile_programs(config, mesh)
