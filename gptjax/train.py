@@ -154,14 +154,15 @@ class EarlyStopping:
 
 def _start_state(stage: workdir_lib.Stage, programs: steps_lib.Programs, checkpoints, train_iter):
   """(state, step): resumed from this run's latest checkpoint, else fresh (from its init)."""
-  start = checkpoints.latest_step()
-  if start is not None:
-    if not checkpoints.has_data_state(start):
-      print(f"Checkpoint {start} has no data position for {jax.process_count()} process(es) "
+  latest = checkpoints.latest_step()
+  if latest is not None:
+    if not checkpoints.has_data_state(latest):
+      print(f"Checkpoint {latest} has no data position for {jax.process_count()} process(es) "
             "(saved with another process count): resuming the model, with the data order "
             "restarted from the seed.")
       train_iter = None
-    return checkpoints.restore(start, programs.abstract_state(), train_iter), start
+    # The newest checkpoint that restores; damaged newer ones are reported and set aside.
+    return checkpoints.restore_latest(programs.abstract_state(), train_iter)
   state = programs.init(jax.random.key(stage.config.train.seed))
   if stage.init:
     # Parameters from the earlier stage; optimizer state and step start fresh.

@@ -16,6 +16,7 @@ the other processes wait at a barrier and read them.
 
 import dataclasses
 import fcntl
+import json
 import os
 import shutil
 
@@ -46,8 +47,12 @@ def read_config(workdir: str) -> config_lib.StageConfig:
   if not os.path.exists(path):
     raise UserError(f"{workdir} is not a gptjax workdir (no config.json); pass the --workdir "
                     "of a `gptjax train` run.")
-  with open(path) as f:
-    return config_lib.from_json(f.read())
+  try:
+    with open(path) as f:
+      return config_lib.from_json(f.read())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise UserError(f"{path} is damaged ({_first_line(e)}); restore it from a copy (or rewrite "
+                    "it from the experiment file with a `gptjax train` rerun).") from None
 
 
 def atomic_write(path: str, data: str | bytes):
