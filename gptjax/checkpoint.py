@@ -16,8 +16,10 @@ the newest step that restores, and moves the damaged ones newer than it to
 `DIR/checkpoints.damaged/<step>` (never deleted), so its own saves of those steps go through.
 """
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -31,6 +33,15 @@ from gptjax.errors import UserError
 
 def _eval_loss(metrics) -> float:
   return metrics["eval_loss"]
+
+
+class CheckpointWriteError(UserError):
+  """A checkpoint could not be written (disk full, permissions); earlier ones are intact."""
+
+
+# How a failed write reads in OSError, TensorStore and Orbax messages.
+_WRITE_FAILURES = re.compile(r"No space left|RESOURCE_EXHAUSTED|Permission denied|Read-only file "
+                             r"system|Disk quota exceeded|os_error_code='(28|13|30|122)'")
 
 
 class DamagedCheckpointError(UserError):
@@ -65,6 +76,7 @@ class Checkpoints:
         preservation_policy=keep, best_fn=_eval_loss, best_mode="min",
         create=not read_only, read_only=read_only, enable_async_checkpointing=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._pending, self._failed = None, False
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -135,7 +147,24 @@ class Checkpoints:
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     metrics = None if eval_loss is None else {"eval_loss": float(eval_loss)}
-    self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+    with self._writing():  # The previous save's failure surfaces here.
+      self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+    self._pending = step
+
+  @contextlib.contextmanager
+  def _writing(self):
+    """Turns a failed write (disk full, no permission) into a CheckpointWriteError."""
+    try:
+      yield
+    except (OSError, ValueError, RuntimeError) as e:
+      if isinstance(e, UserError) or not _WRITE_FAILURES.search(str(e)):
+        raise
+      self._failed = True
+      kept = ", ".join(str(s) for s in self.all_steps()) or "none"
+      raise CheckpointWriteError(
+          f"Could not write checkpoint {self._pending} to {self.directory} "
+          f"({_first_line(e)}); the earlier checkpoints (steps: {kept}) are intact. Free disk "
+          "space or fix the folder's permissions, then rerun to resume.") from None
 
   def has_data_state(self, step: int) -> bool:
     """Whether `step` holds a data-iterator position for this process layout (grain saves
@@ -203,10 +232,17 @@ class Checkpoints:
     return self._restore(step, {"state": args}).state["params"]
 
   def wait(self):
-    self.manager.wait_until_finished()
+    with self._writing():
+      self.manager.wait_until_finished()
 
   def close(self):
-    self.manager.close()
+    reported = self._failed  # A failure already raised is not raised twice.
+    try:
+      with self._writing():
+        self.manager.close()
+    except CheckpointWriteError:
+      if not reported:
+        raise
 
 
 def _warn(line: str):

@@ -27,6 +27,7 @@ A problem the user can fix (gptjax.errors.UserError) is one line on stderr and e
 anything else is a bug in gptjax: its traceback, a line saying so, and exit status 2.
 """
 
+import errno
 import json
 import re
 import runpy
@@ -327,6 +328,10 @@ def _check_flags(command: str):
                       f"{', '.join('--' + f for f in COMMANDS[command][1])}.")
 
 
+# errno values of a full disk or a folder that cannot be written.
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.ERROR)  # Orbax and tfds chatter at INFO and WARNING.
@@ -359,7 +364,12 @@ def main(argv):
     # Problems the user can fix (bad config, missing dataset, diverged loss): one line.
     print(f"gptjax {command}: error: {e}", file=sys.stderr)
     sys.exit(1)
-  except Exception:  # pylint: disable=broad-except
+  except Exception as e:  # pylint: disable=broad-except
+    if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
+      # The machine's problem, not gptjax's: a full disk, a read-only or forbidden folder.
+      print(f"gptjax {command}: error: {e}; free disk space or fix the permissions, then "
+            "rerun (a train run resumes from its last complete checkpoint).", file=sys.stderr)
+      sys.exit(1)
     traceback.print_exc()
     print(f"gptjax {command}: internal error: this is a bug in gptjax, not in your input; "
           "please report it with the traceback above.", file=sys.stderr)

@@ -118,3 +118,41 @@ def test_a_damaged_tokenizer_is_named_when_resuming(run, tfds_data_dir):
   config.model.max_len = 64
   with pytest.raises(UserError, match="tokenizer.model is not a readable"):
     run_stage(config, run)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+  """A mount point for a small tmpfs (skips where mounting is not allowed)."""
+  import subprocess
+
+  point = tmp_path / "disk"
+  point.mkdir()
+
+  def mount(size: int):
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                         capture_output=True, text=True)
+    if out.returncode:
+      pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+    return point
+
+  yield mount
+  subprocess.run(["umount", str(point)], capture_output=True)
+
+
+def test_a_full_disk_stops_the_run_with_one_error_and_keeps_earlier_checkpoints(
+    trained_workdir, tfds_data_dir, tiny_disk):
+  size = sum(-(-os.path.getsize(os.path.join(root, n)) // 4096) * 4096  # tmpfs pages.
+             for root, _, names in os.walk(trained_workdir) for n in names)
+  run = str(shutil.copytree(trained_workdir, tiny_disk(size + 150_000) / "run"))
+  config = tiny_config(tfds_data_dir)
+  config.model.max_len = 64
+  config.train.steps = 6  # Checkpoint 6 does not fit.
+  with pytest.raises(ckpt_lib.CheckpointWriteError,
+                     match=r"Could not write checkpoint 6 .*earlier checkpoints \(steps: 2, 4\)"):
+    run_stage(config, run)
+  checkpoints = ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(run), read_only=True)
+  try:
+    assert checkpoints.all_steps() == [2, 4]
+    assert all(checkpoints.damage(step) is None for step in (2, 4))
+  finally:
+    checkpoints.close()
