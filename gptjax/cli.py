@@ -431,6 +431,7 @@ def parse_flags(argv: list[str]) -> list[str]:
       _fail(f"argument {arg.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8; pass "
             "text in UTF-8 (check the terminal's or the script's encoding)")
   config_arg = _config_arg(argv)
+  logging.set_verbosity(logging.ERROR)  # Until --verbosity is parsed: no warnings while loading.
   try:
     rest = flags.FLAGS(argv)
   except flags.Error as e:

@@ -20,6 +20,7 @@ import ml_collections
 
 from gptjax.errors import UserError
 from gptjax.model import ModelConfig
+from gptjax.tokenizer import MIN_VOCAB_SIZE
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -224,8 +225,10 @@ class TrainConfig:
     for key in ("steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every",
                 "max_to_keep"):
       _check(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "a positive integer")
+    _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate,
+           "a positive learning rate")
     for key in ("warmup_steps", "eval_every", "patience", "weight_decay", "grad_clip",
-                "learning_rate", "save_every_minutes"):
+                "save_every_minutes"):
       _check(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "0 or more")
     _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio,
            "a ratio in [0, 1]")
@@ -286,6 +289,9 @@ class StageConfig:
       raise UserError(f"data.seq_len={self.data.seq_len} is above model.max_len="
                       f"{self.model.max_len}; lower --config.data.seq_len or raise "
                       "--config.model.max_len.")
+    _check(self.model.vocab_size >= MIN_VOCAB_SIZE, "model.vocab_size", self.model.vocab_size,
+           f"at least {MIN_VOCAB_SIZE} (the tokenizer's reserved and byte pieces) plus room for "
+           "the text's characters")
     step = self.init_from_step
     _check(step in ("latest", "best") or step.isdigit(), "init_from_step", step,
            "'latest', 'best' or a step number")

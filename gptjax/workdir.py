@@ -112,6 +112,7 @@ def resolve(config: config_lib.StageConfig, workdir: str, *,
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"--workdir {workdir} is a file, not a directory; pass a new or existing "
                     "run directory.")
+  _check_data_files(config.data)
   recorded = read_config(workdir) if os.path.exists(config_path(workdir)) else None
   if recorded is not None:
     diffs = config_lib.model_shape_diff(recorded, config)
@@ -142,6 +143,17 @@ def resolve(config: config_lib.StageConfig, workdir: str, *,
     _check_vocab(load_tokenizer_file(source_tokenizer), config, source_tokenizer)
   return Stage(config=config, workdir=workdir, init=init, tokenizer_from=source_tokenizer,
                resuming=resuming)
+
+
+def _check_data_files(d: config_lib.DataConfig):
+  """JSONL files the stage reads exist (their records are checked when they are read)."""
+  if d.kind != "dialogue":
+    return
+  for key in ("train_files", "eval_files"):
+    for path in filter(None, (p.strip() for p in getattr(d, key).split(","))):
+      if not os.path.isfile(path):
+        raise UserError(f"data.{key}: {path} does not exist; pass JSONL files with one "
+                        '{"messages": [...]} object a line.')
 
 
 def _read(path: str) -> bytes:
