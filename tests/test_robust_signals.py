@@ -101,3 +101,19 @@ def test_sigint_stops_a_pipeline_stage_cleanly_and_a_rerun_finishes_it(
   assert f"Done: pretrain at step {STEPS}" in out.stdout
   assert [s for s, _ in _train_losses(root / "pretrain")] == list(range(1, STEPS + 1))
   assert json.loads((root / "pipeline.json").read_text())["finished"] == ["pretrain"]
+
+
+def test_save_every_minutes_checkpoints_at_logging_steps_between_step_based_ones(
+    tmp_path, tfds_data_dir, tiny_tokenizer_file):
+  from conftest import run_stage, tiny_config
+
+  config = tiny_config(tfds_data_dir)
+  config.train.update(steps=4, checkpoint_every=1000, eval_every=0, log_every=1,
+                      max_to_keep=5, save_every_minutes=1e-9)  # Always due: every log step.
+  run = with_tokenizer(tmp_path / "run", tiny_tokenizer_file)
+  run_stage(config, run)
+  assert sorted(map(int, os.listdir(run / "checkpoints"))) == [1, 2, 3, 4]
+  config.train.save_every_minutes = 0.0  # Off: only the final checkpoint.
+  other = with_tokenizer(tmp_path / "other", tiny_tokenizer_file)
+  run_stage(config, other)
+  assert os.listdir(other / "checkpoints") == ["4"]
