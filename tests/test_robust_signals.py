@@ -117,3 +117,34 @@ def test_save_every_minutes_checkpoints_at_logging_steps_between_step_based_ones
   other = with_tokenizer(tmp_path / "other", tiny_tokenizer_file)
   run_stage(config, other)
   assert os.listdir(other / "checkpoints") == ["4"]
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_the_step_when_one_is_preempted(tmp_path, tfds_data_dir,
+                                                              tiny_tokenizer_file):
+  import socket
+
+  experiment = tmp_path / "tiny.py"
+  experiment.write_text(TINY_EXPERIMENT)
+  run = with_tokenizer(tmp_path / "run", tiny_tokenizer_file)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+         "JAX_PLATFORMS": "cpu"}
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "gptjax", "train", "--config", str(experiment), "--workdir",
+       str(run), "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
+       "--process_id", str(i), f"--config.data.data_dir={tfds_data_dir}", *LONG_RUN],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  deadline = time.monotonic() + 300
+  while len(_rows(run)) < 2 and time.monotonic() < deadline:
+    assert all(p.poll() is None for p in procs), "a process ended before the signal"
+    time.sleep(0.02)
+  procs[1].send_signal(signal.SIGTERM)  # A preemption notice reaches one worker only.
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [143, 143], outs
+  (step,) = os.listdir(run / "checkpoints")
+  for out in outs:
+    assert f"SIGTERM stopped pretrain after step {step};" in out
