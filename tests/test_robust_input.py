@@ -4,13 +4,21 @@ command line's own handling runs as real subprocesses."""
 
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
-from conftest import TINY_EXPERIMENT, gptjax, tiny_config, with_tokenizer, write_chats
+from conftest import (
+  ROOT,
+  TINY_EXPERIMENT,
+  gptjax,
+  tiny_config,
+  with_tokenizer,
+  write_chats,
+)
 
 from gptjax import config as config_lib
-from gptjax import datasets
-from gptjax import generate
+from gptjax import datasets, generate
 from gptjax import workdir as workdir_lib
 from gptjax.errors import UserError
 
@@ -180,13 +188,9 @@ def test_a_workdir_that_is_a_file_is_one_line(tmp_path, experiment):
 
 
 def test_a_non_utf8_argument_is_one_line(tmp_path):
-  import subprocess
-  import sys
-
-  from conftest import ROOT
   out = subprocess.run([sys.executable.encode(), b"-m", b"gptjax", b"sample", b"--workdir",
                         str(tmp_path).encode(), b"--prompt", b"\xff"], capture_output=True,
-                       cwd=ROOT, timeout=300)
+                       cwd=ROOT, timeout=300, check=False)
   out.stderr = out.stderr.decode()
   _one_line_error(out, "is not valid UTF-8")
 

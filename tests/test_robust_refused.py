@@ -90,13 +90,15 @@ def test_a_workdir_in_use_by_a_live_process_is_refused(tmp_path, tfds_data_dir,
     os.close(fd)
 
 
+HOLD_LOCK = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+             "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(600)")
+
+
 def test_a_killed_run_does_not_leave_its_workdir_locked(tmp_path):
   run = tmp_path / "run"
   run.mkdir()
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
-       "os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); "
-       "time.sleep(600)", str(run)], stdout=subprocess.PIPE, text=True)
+      [sys.executable, "-c", HOLD_LOCK, str(run)], stdout=subprocess.PIPE, text=True)
   assert holder.stdout.readline().strip() == "locked"
   lock = workdir_lib.Lock(str(run))
   with pytest.raises(UserError, match="is in use"):
