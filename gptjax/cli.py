@@ -34,6 +34,7 @@ anything else is a bug in gptjax: its traceback, a line saying so, and exit stat
 
 import errno
 import json
+import logging as py_logging
 import os
 import re
 import runpy
@@ -379,6 +380,15 @@ def _check_flags(command: str):
                       f"{', '.join('--' + f for f in COMMANDS[command][1])}.")
 
 
+def _exit(status: int):
+  """Exits after a one-line report. Work abandoned by the error (an Orbax read cut short)
+  may leave asyncio tasks whose 'Exception ignored' tracebacks Python would print at exit;
+  they say nothing the line did not."""
+  sys.unraisablehook = lambda unraisable: None
+  py_logging.getLogger("asyncio").setLevel(py_logging.CRITICAL)
+  sys.exit(status)
+
+
 # errno values of a full disk or a folder that cannot be written.
 _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
@@ -406,21 +416,21 @@ def main(argv):
   except Interrupted as e:
     # SIGTERM/SIGINT during training: the step's checkpoint is saved; say how to resume.
     print(f"gptjax {command}: {e}", file=sys.stderr)
-    sys.exit(e.exit_status)
+    _exit(e.exit_status)
   except KeyboardInterrupt:
     print(f"gptjax {command}: interrupted (Ctrl-C); nothing was saved that was not saved "
           "before.", file=sys.stderr)
-    sys.exit(130)
+    _exit(130)
   except (UserError, NonFiniteLossError) as e:
     # Problems the user can fix (bad config, missing dataset, diverged loss): one line.
     print(f"gptjax {command}: error: {e}", file=sys.stderr)
-    sys.exit(1)
+    _exit(1)
   except Exception as e:  # pylint: disable=broad-except
     if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
       # The machine's problem, not gptjax's: a full disk, a read-only or forbidden folder.
       print(f"gptjax {command}: error: {e}; free disk space or fix the permissions, then "
             "rerun (a train run resumes from its last complete checkpoint).", file=sys.stderr)
-      sys.exit(1)
+      _exit(1)
     traceback.print_exc()
     print(f"gptjax {command}: internal error: this is a bug in gptjax, not in your input; "
           "please report it with the traceback above.", file=sys.stderr)

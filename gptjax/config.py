@@ -20,7 +20,6 @@ import ml_collections
 
 from gptjax.errors import UserError
 from gptjax.model import ModelConfig
-from gptjax.tokenizer import MIN_VOCAB_SIZE
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -291,9 +290,6 @@ class StageConfig:
       raise UserError(f"data.seq_len={self.data.seq_len} is above model.max_len="
                       f"{self.model.max_len}; lower --config.data.seq_len or raise "
                       "--config.model.max_len.")
-    _check(self.model.vocab_size >= MIN_VOCAB_SIZE, "model.vocab_size", self.model.vocab_size,
-           f"at least {MIN_VOCAB_SIZE} (the tokenizer's reserved and byte pieces) plus room for "
-           "the text's characters")
     step = self.init_from_step
     _check(step in ("latest", "best") or step.isdigit(), "init_from_step", step,
            "'latest', 'best' or a step number")

@@ -74,8 +74,10 @@ def load_tokenizer_file(path: str) -> tokenizer_lib.Tokenizer:
   """The tokenizer at `path`; a file SentencePiece cannot read is a UserError naming it."""
   try:
     return tokenizer_lib.Tokenizer.load(path)
-  except (OSError, RuntimeError) as e:
-    raise UserError(f"{path} is not a readable SentencePiece model ({_first_line(e)}); "
+  except UserError:
+    raise
+  except Exception as e:  # noqa: BLE001  SentencePiece and tokenizers raise plain errors.
+    raise UserError(f"{path} is not a readable tokenizer ({_first_line(e)}); "
                     "restore it from a copy, or use a new --workdir.") from None
 
 
@@ -141,6 +143,11 @@ def resolve(config: config_lib.StageConfig, workdir: str, *,
                     "use a new --workdir.")
   if source_tokenizer:
     _check_vocab(load_tokenizer_file(source_tokenizer), config, source_tokenizer)
+  elif config.model.vocab_size < tokenizer_lib.MIN_VOCAB_SIZE:  # A tokenizer will be trained.
+    raise UserError(f"model.vocab_size={config.model.vocab_size} is too small to train a "
+                    f"tokenizer: expected at least {tokenizer_lib.MIN_VOCAB_SIZE} (reserved and "
+                    "byte pieces) plus room for the text's characters; raise "
+                    "--config.model.vocab_size.")
   return Stage(config=config, workdir=workdir, init=init, tokenizer_from=source_tokenizer,
                resuming=resuming)
 

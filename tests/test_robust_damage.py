@@ -116,7 +116,7 @@ def test_a_damaged_tokenizer_is_named_when_resuming(run, tfds_data_dir):
   _truncate(os.path.join(run, "tokenizer.model"), keep=0.4)
   config = tiny_config(tfds_data_dir)
   config.model.max_len = 64
-  with pytest.raises(UserError, match="tokenizer.model is not a readable"):
+  with pytest.raises(UserError, match="tokenizer.model is not a readable tokenizer"):
     run_stage(config, run)
 
 
