@@ -30,6 +30,10 @@ Config overrides follow ml_collections: an unknown key or a value of the wrong t
 error naming the key, and nothing starts. Each command takes only its own flags (COMMANDS).
 A problem the user can fix (gptjax.errors.UserError) is one line on stderr and exit status 1;
 anything else is a bug in gptjax: its traceback, a line saying so, and exit status 2.
+Problems of the command line itself (a config file that does not load, an override naming no
+key, an argument that is not UTF-8) are refused the same way before any command starts
+(`parse_flags`). SIGTERM or SIGINT during training saves the step in flight and exits 143 or
+130 (gptjax/train.py).
 """
 
 import errno
