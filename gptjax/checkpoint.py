@@ -213,6 +213,7 @@ class Checkpoints:
     self.manager.reload()
 
   def _restore(self, step: int, items: dict):
+    _quiet_closed_loop_callbacks()
     try:
       return self.manager.restore(step, args=ocp.args.Composite(**items))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
@@ -243,6 +244,23 @@ class Checkpoints:
     except CheckpointWriteError:
       if not reported:
         raise
+
+
+def _quiet_closed_loop_callbacks():
+  """Drops the 'Event loop is closed' tracebacks of a failed restore: TensorStore completes the
+  reads still in flight into the event loop Orbax closed when the first one failed, and
+  Python prints each of those callbacks' errors; the restore's own error says it all."""
+  previous = sys.unraisablehook
+  if getattr(previous, "gptjax_quiet", False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and "Event loop is closed" in str(error)):
+      previous(unraisable)
+
+  hook.gptjax_quiet = True
+  sys.unraisablehook = hook
 
 
 def _warn(line: str):

@@ -385,10 +385,9 @@ def _check_flags(command: str):
 
 
 def _exit(status: int):
-  """Exits after a one-line report. Work abandoned by the error (an Orbax read cut short)
-  may leave asyncio tasks whose 'Exception ignored' tracebacks Python would print at exit;
-  they say nothing the line did not."""
-  sys.unraisablehook = lambda unraisable: None
+  """Exits after a one-line report. Work abandoned by the error (an Orbax write cut short)
+  may leave asyncio tasks that log 'Task exception was never retrieved' when collected at
+  exit; they say nothing the line did not."""
   py_logging.getLogger("asyncio").setLevel(py_logging.CRITICAL)
   sys.exit(status)
 
