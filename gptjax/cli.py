@@ -8,6 +8,8 @@
            Loss, perplexity and assistant_loss of a checkpoint on a split.
            With --generate [--num_conversations N] [sampling flags]: replies generated at
            every assistant turn of held-out conversations, scored against the references.
+  report   --workdir DIR
+           Writes DIR/report.md: stages, lineage, tokenizer, losses, dialogue metrics, host.
   prepare  --dataset NAME [--data_dir DIR]
            Downloads and prepares a tfds catalog dataset as array_record (needs tensorflow-cpu).
   sample   --workdir DIR --prompt TEXT [--prompt TEXT ...|--prompt_file FILE] [--json]
@@ -30,6 +32,7 @@ anything else is a bug in gptjax: its traceback, a line saying so, and exit stat
 """
 
 import json
+import os
 import re
 import sys
 import traceback
@@ -167,6 +170,22 @@ def cmd_pipeline():
   if not results:
     _say(f"Every stage in {workdir} had already finished.")
   pipeline.print_samples(config, workdir, print_fn=_say)
+  _pipeline_report(config, workdir)
+
+
+def _pipeline_report(config, workdir: str):
+  """After a pipeline: its last (dialogue) stage's replies scored, and the report card."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from gptjax import reply_eval, report  # pylint: disable=g-import-not-at-top
+
+  last, stage = config.stages[-1]
+  if stage.data.kind == "dialogue" and config.num_samples:
+    summary = reply_eval.evaluate_replies(os.path.join(workdir, last), step="best")
+    _say(f"Replies to {summary['turns']} held-out turns: BLEU {summary['bleu']:.2f}, chrF "
+         f"{summary['chrf']:.2f}, ROUGE-L {summary['rouge_l']:.2f} (in {summary['file']}).")
+  if jax.process_index() == 0:
+    _say(f"Report card: {report.write(workdir)}")
 
 
 def cmd_eval():
@@ -203,6 +222,13 @@ def _eval_replies(workdir: str) -> dict:
     print(f"Replies to {summary['turns']} turns of {summary['conversations']} conversations "
           f"in {summary.pop('file')}; sampling: {summary.pop('sampling')}")
   return summary
+
+
+def cmd_report():
+  """Writes the report card of --workdir."""
+  from gptjax import report
+
+  print(f"Wrote {report.write(_require(_WORKDIR, 'workdir', 'report'))}")
 
 
 def cmd_prepare():
@@ -332,6 +358,7 @@ COMMANDS = {
     "eval": (cmd_eval, ("workdir", "split", "step", "json", "generate", "num_conversations",
                         *SAMPLING_FLAGS)),
     "prepare": (cmd_prepare, ("dataset", "data_dir")),
+    "report": (cmd_report, ("workdir",)),
     "sample": (cmd_sample, ("workdir", "step", "prompt", "prompt_file", "json", "num_samples",
                             *SAMPLING_FLAGS)),
     "chat": (cmd_chat, ("workdir", "step", "system", "message", "json", *SAMPLING_FLAGS)),

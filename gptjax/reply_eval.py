@@ -25,11 +25,8 @@ from collections.abc import Sequence
 import jax
 
 from gptjax import checkpoint as ckpt_lib
-from gptjax import datasets
-from gptjax import dialogue
-from gptjax import evaluate
+from gptjax import datasets, dialogue, evaluate, reply_metrics
 from gptjax import generate as generate_lib
-from gptjax import reply_metrics
 from gptjax import workdir as workdir_lib
 from gptjax.errors import UserError
 from gptjax.tokenizer import Tokenizer

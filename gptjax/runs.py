@@ -42,7 +42,7 @@ def paths_from_env(default: list[str], variable: str = "GPTJAX_RUNS") -> list[st
   return [p for p in value.split(os.pathsep) if p] or list(default)
 
 
-def _stage_dirs(path: str) -> list[str]:
+def stage_dirs(path: str) -> list[str]:
   """The stage workdirs of `path` in training order; raises ValueError saying why none."""
   if not os.path.isdir(path):
     raise UserError("no such directory")
@@ -66,12 +66,12 @@ def _stage_dirs(path: str) -> list[str]:
   return sorted(stages, key=order)
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict, prefix: str = "") -> dict:
   """{"a": {"b": 1}} -> {"a.b": 1}; lists become JSON text so values stay comparable."""
   flat = {}
   for key, value in tree.items():
     if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
+      flat.update(flatten(value, f"{prefix}{key}."))
     else:
       flat[prefix + key] = json.dumps(value) if isinstance(value, list) else value
   return flat
@@ -80,7 +80,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def _read_stage(stage_dir: str, offset: int) -> tuple[pd.DataFrame, dict]:
   """The rows and flat config of one stage workdir, its tokens starting at `offset`."""
   with open(os.path.join(stage_dir, "config.json")) as f:
-    config = _flatten(json.load(f))
+    config = flatten(json.load(f))
   config["pretrained"] = bool(config.get("init_from"))
   rows = pd.DataFrame(metrics_lib.read_rows(os.path.join(stage_dir, "metrics.jsonl")))
   if rows.empty:
@@ -94,7 +94,7 @@ def _read_stage(stage_dir: str, offset: int) -> tuple[pd.DataFrame, dict]:
 def _read_run(path: str) -> tuple[pd.DataFrame, dict]:
   """A run's rows and {stage: flat config}; raises ValueError saying why it cannot."""
   frames, configs, offset = [], {}, 0
-  for stage_dir in _stage_dirs(path):
+  for stage_dir in stage_dirs(path):
     try:
       rows, config = _read_stage(stage_dir, offset)
     except (OSError, json.JSONDecodeError, KeyError) as e:

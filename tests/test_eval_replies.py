@@ -4,12 +4,10 @@ import json
 import os
 
 import pytest
-
 from conftest import gptjax, write_chats
-from gptjax import dialogue
+
+from gptjax import dialogue, reply_eval, reply_metrics
 from gptjax import generate as generate_lib
-from gptjax import reply_eval
-from gptjax import reply_metrics
 from gptjax import tokenizer as tokenizer_lib
 
 
