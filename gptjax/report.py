@@ -141,8 +141,8 @@ def _stages_section(stages: list[_Stage]) -> list[str]:
   lines += _table(["stage", "status", "steps", "tokens seen", "wall time", "tokens/s",
                    "final train loss", "final eval loss", "best eval loss",
                    "eval assistant_loss"], [s.summary_row() for s in stages])
-  lines += ["Wall time runs from a stage's first to its last metrics row (compilation before "
-            "the first row is not counted); tokens/s is the median over train rows.", ""]
+  lines += [("Wall time runs from a stage's first to its last metrics row (compilation before "
+            "the first row is not counted); tokens/s is the median over train rows."), ""]
   lines += ["### Lineage", ""] + [s.lineage() for s in stages] + [""]
   for s in stages:
     lines += [f"### {s.name}: config keys that differ from the base config", ""]
@@ -171,8 +171,8 @@ def _tokenizer_section(workdir: str, stages: list[_Stage]) -> list[str]:
   if not os.path.exists(path):
     path = workdir_lib.tokenizer_path(stages[0].path)
   tokenizer = workdir_lib.load_tokenizer(os.path.dirname(path))
-  lines += [f"`{path}`: {tokenizer.vocab_size} tokens (ids 0-7 reserved for pad, unk, bos, "
-            f"eos and the chat tokens), sha256 `{_file_hash(path)}`.", ""]
+  lines += [(f"`{path}`: {tokenizer.vocab_size} tokens (ids 0-7 reserved for pad, unk, bos, "
+            f"eos and the chat tokens), sha256 `{_file_hash(path)}`."), ""]
   rows = []
   for s in stages:
     value = _guarded(lambda s=s: [f"{_chars_per_token(s):.3f}"])[0]
@@ -208,13 +208,13 @@ def _reply_quality_section(stages: list[_Stage]) -> list[str]:
                  summary["degenerate_rate"], json.dumps(summary["sampling"])])
     examples.append((s, summary["file"]))
   if not rows:
-    return lines + ["No `eval --generate` results yet: run `python -m gptjax eval --workdir "
-                    "STAGE_DIR --generate`, then `report` again.", ""]
+    return lines + [("No `eval --generate` results yet: run `python -m gptjax eval --workdir "
+                    "STAGE_DIR --generate`, then `report` again."), ""]
   lines += _table(["stage", "step", "split", "turns", "BLEU", "chrF", "ROUGE-L", "distinct-1",
                    "distinct-2", "length ratio", "ended", "degenerate", "sampling"], rows)
-  lines += ["BLEU, chrF and ROUGE-L are 0-100 against the reference reply; `ended` is the share "
+  lines += [("BLEU, chrF and ROUGE-L are 0-100 against the reference reply; `ended` is the share "
             "of replies that stopped at the end token, `degenerate` the share that are empty or "
-            "repeat a word 3-gram 3 times (gptjax/reply_metrics.py).", ""]
+            "repeat a word 3-gram 3 times (gptjax/reply_metrics.py)."), ""]
   for s, path in examples:
     lines += _guarded(lambda s=s, path=path: _examples(s.name, path))
   return lines
@@ -237,10 +237,10 @@ def _host_section() -> list[str]:
   devices = jax.devices()
   kinds = sorted({d.device_kind for d in devices})
   return ["The machine that wrote this report:", "",
-          f"- jax {jax.__version__}, Python {platform.python_version()}, {platform.system()} "
-          f"{platform.machine()}",
-          f"- {len(devices)} {devices[0].platform} device(s): {', '.join(kinds)}; "
-          f"{jax.process_count()} process(es)", ""]
+          (f"- jax {jax.__version__}, Python {platform.python_version()}, {platform.system()} "
+          f"{platform.machine()}"),
+          (f"- {len(devices)} {devices[0].platform} device(s): {', '.join(kinds)}; "
+          f"{jax.process_count()} process(es)"), ""]
 
 
 def write(workdir: str) -> str:
@@ -255,8 +255,8 @@ def write(workdir: str) -> str:
     except (OSError, ValueError, KeyError) as e:
       broken.append(f"- `{path}`: unreadable ({type(e).__name__}: {e})")
   lines = [f"# Report card: `{workdir}`", "",
-           f"Written {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC by `python -m "
-           f"gptjax report`. Stages: {', '.join(s.name for s in stages) or 'none readable'}.",
+           (f"Written {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC by `python -m "
+           f"gptjax report`. Stages: {', '.join(s.name for s in stages) or 'none readable'}."),
            ""]
   if broken:
     lines += ["Stages that could not be read:", ""] + broken + [""]
