@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from gptjax import checkpoint as ckpt_lib
 from gptjax import config as config_lib
 from gptjax import datasets
+from gptjax import dialogue_loss
 from gptjax import sharding
 from gptjax import steps as steps_lib
 from gptjax import workdir as workdir_lib
@@ -21,7 +22,8 @@ def evaluate(programs, params, batches: list[dict]) -> dict:
 
   Returns `loss` (the weighted objective), `perplexity`, `tokens` (target tokens that are
   not padding), `weight_sum` (their summed loss weights, the loss's denominator) and, for
-  dialogue batches, `assistant_loss` and `assistant_tokens`.
+  dialogue batches, `assistant_loss` and `assistant_tokens`, and when they carry `role` and
+  `turn` rows, the loss by dialogue structure (gptjax/dialogue_loss.py).
   """
   sums = None
   for batch in batches:
@@ -40,7 +42,7 @@ def evaluate(programs, params, batches: list[dict]) -> dict:
   if "assistant_sum" in sums:
     metrics["assistant_loss"] = sums["assistant_sum"] / max(sums["assistant_count"], 1.0)
     metrics["assistant_tokens"] = sums["assistant_count"]
-  return metrics
+  return metrics | dialogue_loss.structure_metrics(sums)
 
 
 def eval_workdir(workdir: str, *, split: str | None = None, step: str | None = None,
