@@ -193,6 +193,24 @@ def _figures_section(workdir: str, df: pd.DataFrame) -> list[str]:
   return lines
 
 
+def _structure_section(workdir: str, df: pd.DataFrame) -> list[str]:
+  table = runs.structure(df)
+  if table.empty:
+    return ["No evaluation with loss by dialogue structure in this run.", ""]
+  lines = []
+  for (_, stage), row in table.iterrows():
+    lines += [f"{stage}, eval at step {int(row['step'])}: loss (nats a token) and target "
+              "tokens by role and by the reply's index in its conversation.", ""]
+    names = [c for c in table.columns if c.startswith("loss_") and np.isfinite(row[c])]
+    lines += _table(["", *[c[len("loss_"):].replace("_", " ") for c in names]],
+                    [["loss", *[row[c] for c in names]],
+                     ["tokens", *[int(row[c.replace("loss_", "tokens_", 1)]) for c in names]]])
+  fig = runs.plot_structure(df)
+  runs.save(fig, os.path.join(workdir, FIGURES), "structure")
+  plt.close(fig)
+  return lines + [f"![structure]({FIGURES}/structure.png)", ""]
+
+
 def _reply_quality_section(stages: list[_Stage]) -> list[str]:
   lines = []
   rows, examples = [], []
@@ -264,6 +282,8 @@ def write(workdir: str) -> str:
     lines += _guarded(lambda: _stages_section(stages), "Stages")
     lines += _guarded(lambda: _tokenizer_section(workdir, stages), "Tokenizer")
   lines += _guarded(lambda: _figures_section(workdir, runs.load([workdir])), "Losses")
+  lines += _guarded(lambda: _structure_section(workdir, runs.load([workdir])),
+                    "Loss by dialogue structure")
   lines += _guarded(lambda: _reply_quality_section(stages),
                     "Reply quality on held-out conversations")
   lines += _guarded(_host_section, "Host")

@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from gptjax import dialogue_loss
 from gptjax import metrics as metrics_lib
 from gptjax.errors import UserError
 
@@ -270,6 +271,40 @@ def plot_optimizer(df: pd.DataFrame) -> plt.Figure:
   axes[2].set(title="throughput", xlabel="seconds since the run's first row",
               ylabel="tokens/s")
   axes[2].legend(fontsize=8)
+  fig.tight_layout()
+  return fig
+
+
+def structure(df: pd.DataFrame) -> pd.DataFrame:
+  """The loss by dialogue structure (gptjax/dialogue_loss.py) of each run's stages' last
+  evaluation that has it: one row a (run, stage), a column a `loss_role_*`/`loss_turn_*`
+  metric and its `tokens_*` count."""
+  losses = [c for c in dialogue_loss.metric_names() if c in df.columns]
+  if not losses:
+    return pd.DataFrame()
+  rows = df[(df["split"] == "eval") & df[losses].notna().any(axis=1)]
+  counts = [c.replace("loss_", "tokens_", 1) for c in losses]
+  return rows.groupby(["run", "stage"], sort=False)[
+      ["step", *losses, *[c for c in counts if c in df.columns]]].last()
+
+
+def plot_structure(df: pd.DataFrame) -> plt.Figure:
+  """Reply loss by the reply's index in its conversation, and loss by role, a line a run and
+  stage, from their last evaluation (see `structure`)."""
+  table = structure(df)
+  if table.empty:
+    raise UserError("No run has an evaluation with loss by dialogue structure (loss_turn_* "
+                    "columns); evaluate a dialogue stage whose batches carry role and turn rows.")
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for panel, prefix, title in ((0, "loss_turn_", "reply loss by reply index"),
+                               (1, "loss_role_", "loss by role")):
+    columns = [c for c in table.columns if c.startswith(prefix)]
+    labels = [c[len(prefix):].replace("plus", "+") for c in columns]
+    for (run, stage), row in table.iterrows():
+      axes[panel].plot(labels, row[columns].to_numpy(float), "o-", label=f"{run} {stage}")
+    axes[panel].set(title=title, ylabel="loss (nats a token)",
+                    xlabel="reply in the conversation" if panel == 0 else "role")
+  axes[0].legend(fontsize=8)
   fig.tight_layout()
   return fig
 

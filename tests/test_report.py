@@ -76,3 +76,19 @@ def test_the_report_of_real_runs_has_every_section(trained_runs):
   assert "| reference | model |" in text
   for name in ("losses", "optimizer"):
     assert os.path.exists(os.path.join(workdir, report.FIGURES, f"{name}.png"))
+
+
+def test_the_loss_by_dialogue_structure_is_tabled_and_drawn(tmp_path):
+  path = _fake_pipeline(tmp_path / "demo")
+  row = {"step": 2, "stage": "dialogue", "split": "eval", "time": 203.0, "loss": 1.5,
+         "loss_role_user": 3.0, "tokens_role_user": 40.0, "loss_role_assistant": 2.0,
+         "tokens_role_assistant": 30.0, "loss_turn_1": 2.5, "tokens_turn_1": 20.0,
+         "loss_turn_2": 1.0, "tokens_turn_2": 10.0}
+  with open(os.path.join(path, "dialogue", "metrics.jsonl"), "a") as f:
+    f.write(json.dumps(row) + "\n")
+  text = _read(report.write(path))
+  section = text[text.index("## Loss by dialogue structure"):text.index("## Reply quality")]
+  assert "dialogue, eval at step 2" in section and "pretrain" not in section
+  assert "|  | role user | role assistant | turn 1 | turn 2 |" in section
+  assert "| loss | 3 | 2 | 2.5 | 1 |" in section and "| tokens | 40 | 30 | 20 | 10 |" in section
+  assert os.path.exists(tmp_path / "demo" / "report_files" / "structure.png")
