@@ -8,8 +8,9 @@
            Loss, perplexity and assistant_loss of a checkpoint on a split.
            With --generate [--num_conversations N] [sampling flags]: replies generated at
            every assistant turn of held-out conversations, scored against the references.
-  report   --workdir DIR
-           Writes DIR/report.md: stages, lineage, tokenizer, losses, dialogue metrics, host.
+  report   --workdir DIR [--compare RUN --compare RUN ...]
+           Writes DIR/report.md: stages, lineage, tokenizer, losses, dialogue metrics, host;
+           with --compare, DIR/comparison.md: the runs' dialogue stages, averaged over seeds.
   prepare  --dataset NAME [--data_dir DIR]
            Downloads and prepares a tfds catalog dataset as array_record (needs tensorflow-cpu).
   sample   --workdir DIR --prompt TEXT [--prompt TEXT ...|--prompt_file FILE] [--json]
@@ -60,6 +61,8 @@ _GENERATE = flags.DEFINE_bool(
 _NUM_CONVERSATIONS = flags.DEFINE_integer(
     "num_conversations", None, "eval --generate: held-out conversations to reply to (0: all; "
     "default 50).")
+_COMPARE = flags.DEFINE_multi_string(
+    "compare", None, "report: a run to compare (repeat); writes DIR/comparison.md instead.")
 _JSON = flags.DEFINE_bool("json", False, "Print machine-readable JSON instead of text.")
 _DATASET = flags.DEFINE_string("dataset", None, "prepare: tfds catalog name, e.g. tiny_shakespeare.")
 _DATA_DIR = flags.DEFINE_string(
@@ -228,7 +231,11 @@ def cmd_report():
   """Writes the report card of --workdir."""
   from gptjax import report
 
-  print(f"Wrote {report.write(_require(_WORKDIR, 'workdir', 'report'))}")
+  workdir = _require(_WORKDIR, "workdir", "report")
+  if _COMPARE.value:
+    print(f"Wrote {report.write_comparison(workdir, _COMPARE.value)}")
+  else:
+    print(f"Wrote {report.write(workdir)}")
 
 
 def cmd_prepare():
@@ -358,7 +365,7 @@ COMMANDS = {
     "eval": (cmd_eval, ("workdir", "split", "step", "json", "generate", "num_conversations",
                         *SAMPLING_FLAGS)),
     "prepare": (cmd_prepare, ("dataset", "data_dir")),
-    "report": (cmd_report, ("workdir",)),
+    "report": (cmd_report, ("workdir", "compare")),
     "sample": (cmd_sample, ("workdir", "step", "prompt", "prompt_file", "json", "num_samples",
                             *SAMPLING_FLAGS)),
     "chat": (cmd_chat, ("workdir", "step", "system", "message", "json", *SAMPLING_FLAGS)),

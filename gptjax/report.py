@@ -29,7 +29,10 @@ from gptjax import datasets, dialogue, reply_eval, runs
 from gptjax import metrics as metrics_lib
 from gptjax import workdir as workdir_lib
 
-REPORT_FILE, FIGURES = "report.md", "report_files"
+REPORT_FILE, COMPARISON_FILE, FIGURES = "report.md", "comparison.md", "report_files"
+# Reply-quality scores the comparison averages over seeds (gptjax/reply_metrics.py).
+COMPARED_SCORES = ("bleu", "chrf", "rouge_l", "distinct_2", "length_ratio", "ended_rate",
+                   "degenerate_rate")
 CHARS_PER_TOKEN_TEXTS = 200  # Eval texts a stage's characters-per-token figure reads.
 EXAMPLES = 4  # Held-out turns shown side by side.
 
@@ -199,8 +202,8 @@ def _structure_section(workdir: str, df: pd.DataFrame) -> list[str]:
     return ["No evaluation with loss by dialogue structure in this run.", ""]
   lines = []
   for (_, stage), row in table.iterrows():
-    lines += [f"{stage}, eval at step {int(row['step'])}: loss (nats a token) and target "
-              "tokens by role and by the reply's index in its conversation.", ""]
+    lines += [(f"{stage}, eval at step {int(row['step'])}: loss (nats a token) and target "
+              "tokens by role and by the reply's index in its conversation."), ""]
     names = [c for c in table.columns if c.startswith("loss_") and np.isfinite(row[c])]
     lines += _table(["", *[c[len("loss_"):].replace("_", " ") for c in names]],
                     [["loss", *[row[c] for c in names]],
@@ -288,5 +291,70 @@ def write(workdir: str) -> str:
                     "Reply quality on held-out conversations")
   lines += _guarded(_host_section, "Host")
   path = os.path.join(workdir, REPORT_FILE)
+  workdir_lib.atomic_write(path, "\n".join(lines))
+  return path
+
+
+def _reply_summary(path: str) -> dict:
+  """The `eval --generate` summary of a run's last dialogue stage that has one, else {}."""
+  found = {}
+  for stage_dir in runs.stage_dirs(path):
+    summary = os.path.join(stage_dir, reply_eval.SUMMARY_FILE)
+    if os.path.exists(summary):
+      with open(summary) as f:
+        found = json.load(f)
+  return found
+
+
+def comparison(paths: list[str], stage: str = "dialogue") -> tuple[pd.DataFrame, pd.DataFrame]:
+  """(one row a run, one row an arm) for `stage` of runs that differ in their config and seed.
+
+  An arm is a set of runs whose config differs only in seeds (keys ending in `seed`); the
+  arm table gives the mean, standard deviation and count over its runs of the held-out
+  `eval_assistant_loss` (the last evaluation) and of the reply-quality scores.
+  """
+  df = runs.load(paths)
+  table = runs.summary(df).reset_index()
+  table = table[table["stage"] == stage].copy()
+  if table.empty:
+    raise ValueError(f"no run has a stage {stage!r}")
+  readable = [p for p in paths if p not in df.attrs["unreadable"]]
+  summaries = dict(zip(df["run"].unique(), map(_reply_summary, readable)))
+  for score in COMPARED_SCORES:
+    table[score] = [summaries.get(run, {}).get(score, np.nan) for run in table["run"]]
+  arms = [c for c in df.attrs["config_columns"] if not c.endswith("seed") and c in table]
+  values = ["eval_assistant_loss", *COMPARED_SCORES]
+  if not arms:
+    return table, pd.DataFrame()
+  grouped = table.groupby(arms, dropna=False)[values].agg(["mean", "std", "count"])
+  return table, grouped
+
+
+def _spread(mean: float, std: float, count: float) -> str:
+  count = int(count)
+  if not count:
+    return "–"
+  return f"{mean:.4g} ± {std:.2g} ({count})" if count > 1 else f"{mean:.4g} (1)"
+
+
+def write_comparison(workdir: str, paths: list[str], stage: str = "dialogue") -> str:
+  """Writes DIR/comparison.md: the runs and their arms (see `comparison`), and a figure."""
+  table, arms = comparison(paths, stage)
+  folder = os.path.join(workdir, FIGURES)
+  lines = [f"# Comparison of {len(table)} runs, stage {stage}", ""]
+  columns = [c for c in table.columns if c not in ("stage", "tokens")]
+  lines += ["## Runs", ""] + _table(columns, table[columns].values.tolist())
+  if not arms.empty:
+    lines += ["## Arms: mean ± standard deviation (runs) over seeds", ""]
+    values = list(dict.fromkeys(v for v, _ in arms.columns))
+    rows = [[str(key), *[_spread(row[(v, "mean")], row[(v, "std")], row[(v, "count")])
+                         for v in values]] for key, row in arms.iterrows()]
+    lines += _table([", ".join(map(str, arms.index.names)), *values], rows)
+  fig = runs.plot_comparison(runs.load(paths), stage=stage)
+  runs.save(fig, folder, "comparison")
+  plt.close(fig)
+  lines += [f"![comparison]({FIGURES}/comparison.png)", ""]
+  path = os.path.join(workdir, COMPARISON_FILE)
+  os.makedirs(workdir, exist_ok=True)
   workdir_lib.atomic_write(path, "\n".join(lines))
   return path

@@ -92,3 +92,30 @@ def test_the_loss_by_dialogue_structure_is_tabled_and_drawn(tmp_path):
   assert "|  | role user | role assistant | turn 1 | turn 2 |" in section
   assert "| loss | 3 | 2 | 2.5 | 1 |" in section and "| tokens | 40 | 30 | 20 | 10 |" in section
   assert os.path.exists(tmp_path / "demo" / "report_files" / "structure.png")
+
+
+def test_a_comparison_averages_each_arm_over_its_seeds(tmp_path):
+  paths = []
+  for weight in (1.0, 0.0):
+    for seed in (0, 1, 2):
+      path = _fake_run(tmp_path / f"w{weight}_s{seed}", stage="dialogue",
+                       history_weight=weight)
+      with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+      config["train"]["seed"] = seed
+      with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+      with open(os.path.join(path, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 2, "stage": "dialogue", "split": "eval", "time": 1003.0,
+                            "loss": 2.0, "assistant_loss": 2.0 + weight + seed / 10}) + "\n")
+      with open(os.path.join(path, reply_eval.SUMMARY_FILE), "w") as f:
+        json.dump({"bleu": 10.0 * (seed + 1), "chrf": 20.0}, f)
+      paths.append(path)
+  runs_table, arms = report.comparison(paths)
+  assert len(runs_table) == 6 and list(arms.index.names) == ["dialogue.history_weight"]
+  assert arms.loc[1.0, ("eval_assistant_loss", "mean")] == pytest.approx(3.1)
+  assert arms.loc[0.0, ("bleu", "mean")] == pytest.approx(20.0)
+  assert arms.loc[0.0, ("bleu", "count")] == 3
+  text = _read(report.write_comparison(str(tmp_path / "out"), paths))
+  assert "| 1.0 | 3.1 ± 0.1 (3) |" in text and "| 0.0 | 2.1 ± 0.1 (3) |" in text
+  assert os.path.exists(tmp_path / "out" / "report_files" / "comparison.png")
