@@ -183,7 +183,7 @@ def _pipeline_report(config, workdir: str):
   from gptjax import reply_eval, report  # pylint: disable=g-import-not-at-top
 
   last, stage = config.stages[-1]
-  if stage.data.kind == "dialogue" and config.num_samples:
+  if stage.data.kind == "dialogue":
     summary = reply_eval.evaluate_replies(os.path.join(workdir, last), step="best")
     _say(f"Replies to {summary['turns']} held-out turns: BLEU {summary['bleu']:.2f}, chrF "
          f"{summary['chrf']:.2f}, ROUGE-L {summary['rouge_l']:.2f} (in {summary['file']}).")
