@@ -180,10 +180,10 @@ def _pipeline_report(config, workdir: str):
   """After a pipeline: its last (dialogue) stage's replies scored, and the report card."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  from gptjax import reply_eval, report  # pylint: disable=g-import-not-at-top
+  from gptjax import datasets, reply_eval, report  # pylint: disable=g-import-not-at-top
 
   last, stage = config.stages[-1]
-  if stage.data.kind == "dialogue":
+  if stage.data.kind == "dialogue" and datasets.has_eval(stage.data):
     summary = reply_eval.evaluate_replies(os.path.join(workdir, last), step="best")
     _say(f"Replies to {summary['turns']} held-out turns: BLEU {summary['bleu']:.2f}, chrF "
          f"{summary['chrf']:.2f}, ROUGE-L {summary['rouge_l']:.2f} (in {summary['file']}).")
