@@ -103,6 +103,10 @@ class Stage:
   resuming: bool  # The workdir holds a checkpoint of this run: training continues from it.
 
 
+# The `stage` that `import-hf` records in the config.json of the workdirs it writes.
+IMPORTED_STAGE = "import"
+
+
 def resolve(config: config_lib.StageConfig, workdir: str, *,
             tokenizer_from: str | None = None) -> Stage:
   """Checks `config` against `workdir` and its init source, writing nothing (see module doc).
@@ -116,6 +120,10 @@ def resolve(config: config_lib.StageConfig, workdir: str, *,
                     "run directory.")
   _check_data_files(config.data)
   recorded = read_config(workdir) if os.path.exists(config_path(workdir)) else None
+  if recorded is not None and recorded.stage == IMPORTED_STAGE:
+    # An import holds parameters only (no optimizer state or data position) to start from.
+    raise UserError(f"Workdir {workdir} holds an imported model, not a run to resume; train a "
+                    f"stage from it in a new --workdir with --config.init_from={workdir}.")
   if recorded is not None:
     diffs = config_lib.model_shape_diff(recorded, config)
     if diffs:
