@@ -11,6 +11,7 @@ from gptjax import checkpoint as ckpt_lib
 from gptjax import classify as classify_lib
 from gptjax import config as config_lib
 from gptjax import datasets
+from gptjax import dialogue_loss
 from gptjax import lora as lora_lib
 from gptjax import sharding
 from gptjax import steps as steps_lib
@@ -23,8 +24,10 @@ def evaluate(programs, params, batches: list[dict], confusion: bool = False) -> 
 
   Returns `loss` (the weighted objective), `perplexity`, `tokens` (target tokens that are
   not padding), `weight_sum` (their summed loss weights, the loss's denominator) and, for
-  dialogue batches, `assistant_loss` and `assistant_tokens`; for classification batches,
-  `accuracy`, `macro_f1` and with `confusion` the confusion matrix [true][predicted].
+  dialogue batches, `assistant_loss` and `assistant_tokens`, and when they carry `role` and
+  `turn` rows, the loss by dialogue structure (gptjax/dialogue_loss.py).
+  For classification batches, `accuracy`, `macro_f1` and with `confusion` the confusion
+  matrix [true][predicted].
   """
   sums = None
   for batch in batches:
@@ -49,7 +52,7 @@ def evaluate(programs, params, batches: list[dict], confusion: bool = False) -> 
     metrics.update(classify_lib.scores(matrix))
     if confusion:
       metrics["confusion"] = matrix.astype(int).tolist()
-  return metrics
+  return metrics | dialogue_loss.structure_metrics(sums)
 
 
 def eval_workdir(workdir: str, *, split: str | None = None, step: str | None = None,
@@ -60,7 +63,7 @@ def eval_workdir(workdir: str, *, split: str | None = None, step: str | None = N
   """
   config = workdir_lib.read_config(workdir)
   if split:
-    config = config.replace(data=_eval_split(config.data, split))
+    config = config.replace(data=with_eval_split(config.data, split))
   mesh = mesh or sharding.make_mesh(config.mesh.sizes)
   checkpoints = ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True)
   step_number = checkpoints.resolve(step)
@@ -71,14 +74,14 @@ def eval_workdir(workdir: str, *, split: str | None = None, step: str | None = N
   # A LoRA run evaluates as the plain model its adapters fold into.
   programs = steps_lib.compile_programs(config.replace(lora={"rank": 0}), mesh)
   params = lora_lib.load_params(workdir, step_number, programs.abstract_state().params)
-  metrics = {"step": step_number, "split": split or _eval_name(config.data),
+  metrics = {"step": step_number, "split": split or eval_name(config.data),
              **evaluate(programs, params, batches, confusion=True)}
   if "confusion" in metrics:
     metrics["labels"] = list(config.classify.label_names)
   return metrics
 
 
-def _eval_split(d: config_lib.DataConfig, split: str) -> config_lib.DataConfig:
+def with_eval_split(d: config_lib.DataConfig, split: str) -> config_lib.DataConfig:
   """`d` evaluating on `split`: a split name or a JSONL file."""
   if split.endswith(".jsonl"):
     # train_files selects the file-based source for both sides.
@@ -88,5 +91,6 @@ def _eval_split(d: config_lib.DataConfig, split: str) -> config_lib.DataConfig:
       e.split(":")[0] for e in d.dataset.split(",")))
 
 
-def _eval_name(d: config_lib.DataConfig) -> str:
+def eval_name(d: config_lib.DataConfig) -> str:
+  """The name of what `d` evaluates on: its JSONL files or its eval split."""
   return d.eval_files if d.kind == "dialogue" and d.train_files else d.eval_split
