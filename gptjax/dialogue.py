@@ -21,12 +21,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from gptjax import data as data_lib
+from gptjax.errors import UserError
 from gptjax.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 
 
-class BadConversation(ValueError):
+class BadConversation(UserError):
   """A conversation or record that cannot be used for training."""
 
 
@@ -113,7 +114,7 @@ def _split_system(turns):
 def _fitting_start(head, body, max_tokens: int) -> int:
   """Index of the first of `body`'s turns that a rendering of at most `max_tokens` keeps:
   0 if all fit, else the earliest user turn (followed by a reply) from which the rest fit,
-  else the last such user turn (that exchange alone is too long; packing splits it)."""
+  else the last such user turn (that exchange alone is too long: the caller's error)."""
   # Template cost of a turn: role marker + content + <|end|>; plus bos and eos overall.
   sizes = [len(content) + 2 for _, content in body]
   budget = max_tokens - 2 - sum(len(c) + 2 for _, c in head)
@@ -131,7 +132,8 @@ def render_fitting(messages: Sequence[dict], tokenizer: Tokenizer, max_tokens: i
 
   Keeps a leading system message and the most recent turns from a user turn onwards (so
   every kept reply has the context before it). Returns (rendering, whether it was cut). If
-  even the last exchange is too long it is returned whole, and packing splits it.
+  even the last exchange is too long it is returned whole: longer than `max_tokens`, which
+  the dialogue stage reports as an error naming the conversation (packing never splits one).
   """
   head, body = _split_system(_encode_turns(messages, tokenizer))
   start = _fitting_start(head, body, max_tokens)
@@ -199,6 +201,7 @@ class LoadReport:
   used: int = 0
   skipped: int = 0
   problems: list[str] = dataclasses.field(default_factory=list)  # The first few, located.
+  where: list[str] = dataclasses.field(default_factory=list)  # Of each used conversation.
 
   def skip(self, where: str, why: str, strict: bool):
     if strict:
@@ -218,7 +221,7 @@ class LoadReport:
 def read_jsonl(path: str, *, strict: bool = False) -> tuple[list[list[dict]], LoadReport]:
   """Conversations from a JSONL file, one {"messages": [{"role", "content"}, ...]} a line."""
   if not os.path.exists(path):
-    raise ValueError(f"Dialogue file {path} does not exist; pass a JSONL file with one "
+    raise UserError(f"Dialogue file {path} does not exist; pass a JSONL file with one "
                      '{"messages": [...]} object a line.')
   report, conversations = LoadReport(path), []
   with open(path, "rb") as f:
@@ -241,6 +244,7 @@ def read_jsonl(path: str, *, strict: bool = False) -> tuple[list[list[dict]], Lo
         continue
       try:
         conversations.append(check_conversation(record["messages"]))
+        report.where.append(where)
       except BadConversation as e:
         report.skip(where, str(e), strict)
   report.used = len(conversations)
@@ -251,15 +255,17 @@ def read_tfds(name: str, split: str, data_dir: str | None = None, *,
               strict: bool = False) -> tuple[list[list[dict]], LoadReport]:
   """Conversations of a tfds dialogue dataset split (see TFDS_DIALOGUES)."""
   if name not in TFDS_DIALOGUES:
-    raise ValueError(f"tfds dataset {name!r} is not a known dialogue dataset; expected one of "
+    raise UserError(f"tfds dataset {name!r} is not a known dialogue dataset; expected one of "
                      f"{sorted(TFDS_DIALOGUES)} or JSONL files in data.train_files.")
   source = data_lib.load_source(name, split, data_dir)
   report, conversations = LoadReport(f"{name}[{split}]"), []
   for index in range(len(source)):
+    where = f"{name}[{split}] record {index}"
     try:
       conversations.append(check_conversation(TFDS_DIALOGUES[name](source[index])))
+      report.where.append(where)
     except BadConversation as e:
-      report.skip(f"{name}[{split}] record {index}", str(e), strict)
+      report.skip(where, str(e), strict)
   report.used = len(conversations)
   return conversations, report
 
@@ -272,6 +278,6 @@ def load(spec: str, split: str, data_dir: str | None = None, *,
   else:
     conversations, report = read_tfds(spec, split, data_dir, strict=strict)
   if not conversations:
-    raise ValueError(f"{report.summary()}: no usable conversation; expected at least one with "
+    raise UserError(f"{report.summary()}: no usable conversation; expected at least one with "
                      "an assistant turn; check the source.")
   return conversations, report
