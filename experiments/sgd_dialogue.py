@@ -5,13 +5,11 @@ Its model is experiments/shakespeare_pretrain.py's, so it starts from that run:
       --config.init_from=runs/shakespeare
 """
 
-import os
-import runpy
+from gptjax import config as config_lib
 
 
 def get_config():
-  here = os.path.dirname(os.path.abspath(__file__))
-  c = runpy.run_path(os.path.join(here, "shakespeare_pretrain.py"))["get_config"]()
+  c = config_lib.sibling(__file__, "shakespeare_pretrain")
   c.stage = "dialogue"
   c.data.kind = "dialogue"
   c.data.dataset = "schema_guided_dialogue"

@@ -7,9 +7,8 @@ Both go through the same grain pipeline (gptjax/data.py).
 """
 
 import functools
-from collections.abc import Iterator
-
 import itertools
+from collections.abc import Iterator
 
 import grain
 import ml_collections
