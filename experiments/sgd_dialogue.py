@@ -17,6 +17,10 @@ def get_config():
   c.data.eval_split = "dev"
   c.data.eval_batches = 8
   c.dialogue.history_weight = 1.0
+  # At seq_len 256, "recent" cuts 77% of the train conversations and drops 36% of the reply
+  # tokens; windows train every reply (23,297 windows from 12,174 conversations, packed whole
+  # at about 92% of the row capacity).
+  c.dialogue.long_conversations = "windows"
   c.train.steps = 400
   c.train.learning_rate = 1e-3
   c.train.warmup_steps = 20

@@ -18,7 +18,7 @@ conversation in `source`). It yields the pairs (tokens[:-1] -> tokens[1:]) with 
 Documents stream: texts are read by index from a random-access source (a tfds data source,
 never a list of the whole dataset) and shuffled per epoch by an index permutation. Long
 texts are cut into chunks (chunk_text); TextChunks counts each record's chunks in one pass
-(4 bytes a record) and re-reads a record to give one of its chunks, so memory holds a few
+(8 bytes a record) and re-reads a record to give one of its chunks, so memory holds a few
 records, never the corpus.
 
 Packing, two ways:
