@@ -4,7 +4,9 @@ One module a benchmark (`decode`, `memory`, `train`), the machine measurements t
 against in `probes`, FLOP counts in `flops`, and the PyTorch reference step in `torch_gpt`.
 A benchmark module exposes `run(**flags) -> dict`; BENCHMARKS maps each command name to its
 module, imported only when that benchmark runs. `gpu_check` (`python -m gptjax.bench.gpu_check`)
-runs them, with their levers, as time-boxed subprocesses on one GPU.
+runs them, with their levers, as time-boxed subprocesses on one GPU. `stream_memory`
+(`python -m gptjax.bench.stream_memory`) measures the text pipeline's peak host memory on a
+synthetic multi-GB corpus.
 """
 
 import importlib
