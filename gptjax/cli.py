@@ -196,6 +196,10 @@ def cmd_eval():
   from gptjax import evaluate
 
   workdir = _require(_WORKDIR, "workdir", "eval")
+  for name in ("num_conversations", *SAMPLING_FLAGS):
+    if flags.FLAGS[name].present and not _GENERATE.value:
+      raise UserError(f"`eval` does not take --{name} without --generate; add --generate to "
+                      "score generated replies, or drop it.")
   if _GENERATE.value:
     metrics = _eval_replies(workdir)
   else:

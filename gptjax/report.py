@@ -98,10 +98,12 @@ def _stage_status(name: str, config: dict, rows: list[dict], finished: list[str]
 class _Stage:
   """What the report reads of one stage workdir."""
 
-  def __init__(self, path: str, finished: list[str] | None):
-    self.path, self.name = path, os.path.basename(path)
+  def __init__(self, path: str, finished: list[str] | None, single: bool):
+    self.path = path
     with open(workdir_lib.config_path(path)) as f:
       self.flat = runs.flatten(json.load(f))
+    # Named as runs.load names stages: a pipeline's by folder, a single run's by its config.
+    self.name = self.flat["stage"] if single else os.path.basename(path)
     self.rows = metrics_lib.read_rows(os.path.join(path, "metrics.jsonl"))
     self.status = _stage_status(self.name, self.flat, self.rows, finished)
 
@@ -272,7 +274,7 @@ def write(workdir: str) -> str:
   stages, broken = [], []
   for path in stage_paths:
     try:
-      stages.append(_Stage(path, finished))
+      stages.append(_Stage(path, finished, single=path == workdir))
     except (OSError, ValueError, KeyError) as e:
       broken.append(f"- `{path}`: unreadable ({type(e).__name__}: {e})")
   lines = [f"# Report card: `{workdir}`", "",
