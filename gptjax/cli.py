@@ -21,7 +21,8 @@
            Multi-turn chat on the terminal (/reset, /exit, Ctrl-D; Ctrl-C stops a reply), or
            one reply per --message (or stdin line) for scripts.
   bench    decode (--workdir DIR | --config experiments/NAME.py) [--step N|best]
-           Prefill and decode tokens/s at batch 1 and 8 against the machine's limits, as JSON.
+           [--batch_sizes 1,8,64]
+           Prefill and decode tokens/s at each batch size against the machine's limits, as JSON.
   bench    train --config experiments/NAME.py [--steps N] [--torch auto|on|off]
            Train step tokens/s, compile time and MFU (on the CPU, next to the PyTorch
            reference step's tokens/s), as JSON.
@@ -88,6 +89,8 @@ _BENCH_STEPS = flags.DEFINE_integer("steps", 20, "bench train: timed steps after
 _TORCH = flags.DEFINE_enum(
     "torch", "auto", ["auto", "on", "off"], "bench train: also time the PyTorch reference step "
     "(gptjax/bench/torch_gpt.py); auto: when torch is installed and the run is on the CPU.")
+_BATCH_SIZES = flags.DEFINE_list(
+    "batch_sizes", ["1", "8"], "bench decode: batch sizes to time, comma-separated.")
 
 
 def _require(flag, name: str, command: str):
@@ -334,8 +337,16 @@ def cmd_bench(kind: str | None = None):
     raise UserError(f"`bench` needs one of: {', '.join(bench.BENCHMARKS)}; e.g. "
                     "`python -m gptjax bench decode --workdir DIR`.")
   config = _stage_config("bench") if _CONFIG.value is not None else None
+  try:
+    batch_sizes = tuple(int(b) for b in _BATCH_SIZES.value)
+  except ValueError:
+    batch_sizes = ()
+  if not batch_sizes or min(batch_sizes) < 1:
+    raise UserError(f"--batch_sizes={','.join(_BATCH_SIZES.value)} is not a list of batch "
+                    "sizes; expected positive integers, e.g. --batch_sizes=1,8,64.")
   print(json.dumps(bench.run(kind, workdir=_WORKDIR.value, config=config, step=_step(),
-                             steps=_BENCH_STEPS.value, torch=_TORCH.value), indent=2))
+                             steps=_BENCH_STEPS.value, torch=_TORCH.value,
+                             batch_sizes=batch_sizes), indent=2))
 
 
 def _host_config() -> dict:
@@ -373,7 +384,7 @@ COMMANDS = {
     "sample": (cmd_sample, ("workdir", "step", "prompt", "prompt_file", "json", "num_samples",
                             *SAMPLING_FLAGS)),
     "chat": (cmd_chat, ("workdir", "step", "system", "message", "json", *SAMPLING_FLAGS)),
-    "bench": (cmd_bench, ("config", "workdir", "step", "steps", "torch")),
+    "bench": (cmd_bench, ("config", "workdir", "step", "steps", "torch", "batch_sizes")),
 }
 # Commands that take one positional argument (`bench decode`).
 TAKES_ARGUMENT = {"bench"}
