@@ -127,7 +127,7 @@ def _documents(config, tokenizer: Tokenizer, which: str):
             "(dialogue.long_conversations=\"windows\" would train on all their replies)")
     notes.append(f"{cut} of {len(convs)} {which} conversations were longer than seq_len="
                  f"{d.seq_len} and {fate}.")
-  return rendered, (lambda doc: doc), ("assistant",), notes
+  return rendered, (lambda doc: doc), ("assistant", "role", "turn"), notes
 
 
 # Train rows the packing-efficiency note measures (a fresh iterator's first ones).

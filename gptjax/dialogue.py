@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from gptjax import data as data_lib
+from gptjax import dialogue_loss
 from gptjax.errors import UserError
 from gptjax.tokenizer import Tokenizer
 
@@ -65,6 +66,9 @@ class Rendered:
   tokens: np.ndarray
   weights: np.ndarray
   assistant: np.ndarray
+  # The conversation's number of this rendering's first reply: above 1 for a rendering that
+  # starts late, so per-reply metrics follow the conversation (gptjax/dialogue_loss.py).
+  first_reply: int = 1
 
 
 def _encode_turns(messages: Sequence[dict], tokenizer: Tokenizer) -> list[tuple[str, list[int]]]:
@@ -74,7 +78,8 @@ def _encode_turns(messages: Sequence[dict], tokenizer: Tokenizer) -> list[tuple[
 
 
 def _assemble(turns: Sequence[tuple[str, list[int]]], tokenizer: Tokenizer,
-              history_weight: float, add_generation_prompt: bool) -> Rendered:
+              history_weight: float, add_generation_prompt: bool,
+              dropped: Sequence[tuple[str, list[int]]] = ()) -> Rendered:
   """The template over already-encoded (role, content ids) turns."""
   tokens, assistant = [tokenizer.bos_id], [0.0]
   for role, content in turns:
@@ -86,7 +91,8 @@ def _assemble(turns: Sequence[tuple[str, list[int]]], tokenizer: Tokenizer,
   assistant.append(0.0)
   assistant_N = np.asarray(assistant, np.float32)
   weights_N = np.where(assistant_N > 0, 1.0, history_weight).astype(np.float32)
-  return Rendered(np.asarray(tokens, np.int32), weights_N, assistant_N)
+  first_reply = 1 + sum(role == "assistant" for role, _ in dropped)
+  return Rendered(np.asarray(tokens, np.int32), weights_N, assistant_N, first_reply)
 
 
 def render(messages: Sequence[dict], tokenizer: Tokenizer, *, history_weight: float = 1.0,
@@ -137,7 +143,8 @@ def render_fitting(messages: Sequence[dict], tokenizer: Tokenizer, max_tokens: i
   """
   head, body = _split_system(_encode_turns(messages, tokenizer))
   start = _fitting_start(head, body, max_tokens)
-  return _assemble(head + body[start:], tokenizer, history_weight, False), start > 0
+  return (_assemble(head + body[start:], tokenizer, history_weight, False, body[:start]),
+          start > 0)
 
 
 def render_windows(messages: Sequence[dict], tokenizer: Tokenizer, max_tokens: int, *,
@@ -154,7 +161,7 @@ def render_windows(messages: Sequence[dict], tokenizer: Tokenizer, max_tokens: i
   windows = []
   while not windows or any(role == "assistant" for role, _ in body):
     start = _fitting_start(head, body, max_tokens)
-    window = _assemble(head + body[start:], tokenizer, history_weight, False)
+    window = _assemble(head + body[start:], tokenizer, history_weight, False, body[:start])
     if windows:
       window.weights[-1] = 0.0
     windows.append(window)
@@ -163,9 +170,11 @@ def render_windows(messages: Sequence[dict], tokenizer: Tokenizer, max_tokens: i
 
 
 def conversation_document(rendered: Rendered) -> dict[str, np.ndarray]:
-  """The packer's document for a rendered conversation."""
+  """The packer's document for a rendered conversation, with the per-token `role` and `turn`
+  rows of the loss by dialogue structure."""
+  role, turn = dialogue_loss.role_turn_arrays(rendered.tokens.tolist(), rendered.first_reply)
   return {"tokens": rendered.tokens, "weights": rendered.weights,
-          "assistant": rendered.assistant}
+          "assistant": rendered.assistant, "role": role, "turn": turn}
 
 
 def as_text(messages: Sequence[dict]) -> str:
