@@ -6,7 +6,8 @@ A benchmark module exposes `run(**flags) -> dict`; BENCHMARKS maps each command 
 module, imported only when that benchmark runs. `gpu_check` (`python -m gptjax.bench.gpu_check`)
 runs them, with their levers, as time-boxed subprocesses on one GPU. `stream_memory`
 (`python -m gptjax.bench.stream_memory`) measures the text pipeline's peak host memory on a
-synthetic multi-GB corpus.
+synthetic multi-GB corpus, and `hf_import_memory` (`python -m gptjax.bench.hf_import_memory`)
+that of `import-hf` on a synthetic ~1B-parameter Llama-family checkpoint.
 """
 
 import importlib
