@@ -1,6 +1,6 @@
 """Benchmarks: `python -m gptjax bench KIND`, each printing one JSON object.
 
-One module a benchmark (`decode`, `memory`, `train`), the machine measurements they compare
+One module a benchmark (`decode`, `memory`, `serve`, `train`), the machine measurements they compare
 against in `probes`, FLOP counts in `flops`, and the PyTorch reference step in `torch_gpt`.
 A benchmark module exposes `run(**flags) -> dict`; BENCHMARKS maps each command name to its
 module, imported only when that benchmark runs.
@@ -8,7 +8,7 @@ module, imported only when that benchmark runs.
 
 import importlib
 
-BENCHMARKS = ("decode", "memory", "train")
+BENCHMARKS = ("decode", "memory", "serve", "train")
 
 
 def run(kind: str, **flags) -> dict:
