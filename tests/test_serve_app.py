@@ -15,12 +15,10 @@ import jax
 import jax.numpy as jnp
 import openai
 import pytest
-
 from conftest import ROOT, TOKENIZER_VOCAB, make_mesh
 
 from gptjax import config as config_lib
-from gptjax import dialogue
-from gptjax import generate
+from gptjax import dialogue, generate
 from gptjax import model as model_lib
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.serve import app as app_lib

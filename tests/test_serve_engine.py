@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import make_mesh
 
 from gptjax import config as config_lib
@@ -17,7 +16,8 @@ from gptjax import model as model_lib
 from gptjax.bench import probes
 from gptjax.serve import engine as engine_lib
 
-TINY = dict(vocab_size=61, num_layers=2, num_heads=2, d_model=32, d_ff=64, max_len=32)
+TINY = {"vocab_size": 61, "num_layers": 2, "num_heads": 2, "d_model": 32, "d_ff": 64,
+        "max_len": 32}
 RULES = config_lib.base_config().mesh.rules
 
 

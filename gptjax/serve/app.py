@@ -21,7 +21,12 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import (
+  HTMLResponse,
+  JSONResponse,
+  PlainTextResponse,
+  StreamingResponse,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptjax import dialogue
@@ -245,7 +250,7 @@ class Choice:
         yield self._delta(len(self._text)), reason
         return
       if reason is not None:
-        raise ApiError(503, f"The request ended early ({reason}); the server is stopping.",
+        raise ApiError(503, f"The request ended early ({reason}); retry it.",
                        code=reason, kind="server_error")
       # A multi-byte character split across tokens decodes as U+FFFD until its last byte.
       stable = len(self._text.rstrip("\ufffd")) - hold

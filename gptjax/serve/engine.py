@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 
 import flax
@@ -292,29 +293,46 @@ class Engine:
 
   def _loop(self):
     while True:
-      with self._cond:
-        while not self._stopping and not self._queue and not any(self._busy):
-          self._cond.wait()
-        if self._stopping:
+      try:
+        if not self._turn():
           break
-        admitted = self._admit()
-      firsts = [(slot, self._prefill_into(slot, r)) for slot, r in admitted]
-      for slot, token in firsts:
-        self._take(slot, int(token))
-      if not any(self._busy):
-        continue
-      self._slots, token_B = self._step(self.params, self._slots)
-      busy = [slot for slot, r in enumerate(self._busy) if r is not None]
-      self.stats.steps += 1
-      self.stats.busy_slot_steps += len(busy)
-      token_B = np.asarray(token_B)
-      with self._cond:
-        for slot in busy:
-          if self._busy[slot] is not None and not self._busy[slot].cancelled:
-            self._take(slot, int(token_B[slot]))
+      except Exception:  # noqa: BLE001  (see below)
+        # A bug must not hang the requests or stop the server: they end with an error, and
+        # fresh slots (compiled already) take the next ones.
+        traceback.print_exc()
+        with self._cond:
+          for slot, request in enumerate(self._busy):
+            if request is not None:
+              self._finish(slot, "error")
+        self._slots = self._init(batch=self.max_batch)
     with self._cond:
       for slot, request in enumerate(self._busy):
         if request is not None:
           self._finish(slot, "shutdown")
       while self._queue:
         self._queue.popleft().emit([], "shutdown")
+
+  def _turn(self) -> bool:
+    """One turn of the loop (see the module docstring); False once stopping."""
+    with self._cond:
+      while not self._stopping and not self._queue and not any(self._busy):
+        self._cond.wait()
+      if self._stopping:
+        return False
+      admitted = self._admit()
+    firsts = [(slot, self._prefill_into(slot, r)) for slot, r in admitted]
+    with self._cond:
+      for slot, token in firsts:
+        self._take(slot, int(token))
+    if not any(self._busy):
+      return True
+    self._slots, token_B = self._step(self.params, self._slots)
+    busy = [slot for slot, r in enumerate(self._busy) if r is not None]
+    self.stats.steps += 1
+    self.stats.busy_slot_steps += len(busy)
+    token_B = np.asarray(token_B)
+    with self._cond:
+      for slot in busy:
+        if self._busy[slot] is not None and not self._busy[slot].cancelled:
+          self._take(slot, int(token_B[slot]))
+    return True
