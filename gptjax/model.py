@@ -332,9 +332,9 @@ class KVCache:
   Row b holds its tokens in columns start_B[b] .. index_B[b] - 1; the next call writes its L
   tokens at columns index_B[b] .. index_B[b] + L - 1, and the caller keeps index_B + L <= S.
   Rows advance together in `generate` (one shared column) and apart in the serving engine
-  (each decode slot at its own length). One array
-  a layer (not one stacked array) lets XLA update each in place; heads before columns let
-  both attention matmuls read it without a transpose.
+  (each decode slot at its own length). One array a layer (not one stacked array) lets XLA
+  update each in place; heads before columns let both attention matmuls read it without a
+  transpose.
   """
   k_BHSK: tuple[jax.Array, ...]
   v_BHSK: tuple[jax.Array, ...]

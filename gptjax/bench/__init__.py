@@ -1,7 +1,8 @@
 """Benchmarks: `python -m gptjax bench KIND`, each printing one JSON object.
 
-One module a benchmark (`decode`, `memory`, `serve`, `train`), the machine measurements they
-compare against in `probes`, FLOP counts in `flops`, and the PyTorch reference step in `torch_gpt`.
+One module a benchmark (`decode`, `memory`, `serve`, `train`), the machine measurements
+they compare against in `probes`, FLOP counts in `flops`, and the PyTorch reference step in
+`torch_gpt`.
 A benchmark module exposes `run(**flags) -> dict`; BENCHMARKS maps each command name to its
 module, imported only when that benchmark runs.
 """

@@ -111,7 +111,8 @@ def sequential(generator: generate_lib.Generator, tokenizer, bodies: list[dict])
   tokens = sum(one(p, b) for p, b in zip(prompts, bodies))
   seconds = time.perf_counter() - start
   return {"requests": len(bodies), "seconds": seconds, "output_tokens": tokens,
-          "requests_per_second": len(bodies) / seconds, "output_tokens_per_second": tokens / seconds}
+          "requests_per_second": len(bodies) / seconds,
+          "output_tokens_per_second": tokens / seconds}
 
 
 def run(*, workdir: str | None = None, step=None, clients: str = "1,8,32",
