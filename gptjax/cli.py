@@ -16,7 +16,8 @@
            Multi-turn chat on the terminal (/reset, /exit, Ctrl-D; Ctrl-C stops a reply), or
            one reply per --message (or stdin line) for scripts.
   bench    decode (--workdir DIR | --config experiments/NAME.py) [--step N|best]
-           Prefill and decode tokens/s at batch 1 and 8 against the machine's limits, as JSON.
+           [--batch_sizes 1,8,64]
+           Prefill and decode tokens/s at each batch size against the machine's limits, as JSON.
   bench    serve --workdir DIR [--clients 1,8,32] [--requests N] [--step N|best]
            Serving throughput and latency with concurrent streaming clients on the loopback,
            next to sequential chat-style decoding, as JSON.
@@ -89,6 +90,8 @@ _API_KEY = flags.DEFINE_string(
 _CLIENTS = flags.DEFINE_string("clients", "1,8,32", "bench serve: concurrent clients to try.")
 _REQUESTS = flags.DEFINE_integer(
     "requests", None, "bench serve: requests a client count (default: 2 per client, >= 16).")
+_BATCH_SIZES = flags.DEFINE_list(
+    "batch_sizes", ["1", "8"], "bench decode: batch sizes to time, comma-separated.")
 
 
 def _require(flag, name: str, command: str):
@@ -281,10 +284,18 @@ def cmd_bench(kind: str | None = None):
     raise UserError(f"`bench` needs one of: {', '.join(bench.BENCHMARKS)}; e.g. "
                     "`python -m gptjax bench decode --workdir DIR`.")
   config = _stage_config("bench") if _CONFIG.value is not None else None
+  try:
+    batch_sizes = tuple(int(b) for b in _BATCH_SIZES.value)
+  except ValueError:
+    batch_sizes = ()
+  if not batch_sizes or min(batch_sizes) < 1:
+    raise UserError(f"--batch_sizes={','.join(_BATCH_SIZES.value)} is not a list of batch "
+                    "sizes; expected positive integers, e.g. --batch_sizes=1,8,64.")
   print(json.dumps(bench.run(kind, workdir=_WORKDIR.value, config=config, step=_step(),
                              steps=_BENCH_STEPS.value, torch=_TORCH.value,
                              clients=_CLIENTS.value, requests=_REQUESTS.value,
-                             max_batch=_MAX_BATCH.value), indent=2))
+                             max_batch=_MAX_BATCH.value, batch_sizes=batch_sizes),
+                   indent=2))
 
 
 def cmd_serve():
@@ -329,8 +340,8 @@ COMMANDS = {
     "sample": (cmd_sample, ("workdir", "step", "prompt", "prompt_file", "json", "num_samples",
                             *SAMPLING_FLAGS)),
     "chat": (cmd_chat, ("workdir", "step", "system", "message", "json", *SAMPLING_FLAGS)),
-    "bench": (cmd_bench, ("config", "workdir", "step", "steps", "torch", "clients", "requests",
-                          "max_batch")),
+    "bench": (cmd_bench, ("config", "workdir", "step", "steps", "torch", "batch_sizes",
+                          "clients", "requests", "max_batch")),
     "serve": (cmd_serve, ("workdir", "step", "host", "port", "max_batch", "api_key")),
 }
 # Commands that take one positional argument (`bench decode`).

@@ -171,18 +171,29 @@ def _write_cache(cache_BHSK, new_BLHK, index_B):
   return nn.with_logical_constraint(cache_BHSK, CACHE_AXES)
 
 
+def cudnn_unsupported(cfg: ModelConfig, device) -> str | None:
+  """Why cuDNN's fused attention cannot run `cfg` on `device`, or None if it can."""
+  if device.platform != "gpu" or "NVIDIA" not in device.device_kind:
+    return f"it runs on NVIDIA GPUs only, not on {device.platform} ({device.device_kind})"
+  if cfg.compute_dtype not in (jnp.bfloat16, jnp.float16):
+    return f"it takes bfloat16 or float16 inputs only, not model.dtype={cfg.dtype!r}"
+  if cfg.head_dim % 8 or cfg.head_dim > 128:
+    return f"it takes head dims that are multiples of 8 up to 128, not {cfg.head_dim}"
+  return None
+
+
 def attention_implementation(cfg: ModelConfig) -> str:
   """`cfg.attention`, with "auto" resolved for the default backend's devices."""
+  device = jax.devices()[0]
+  if cfg.attention == "cudnn" and (why := cudnn_unsupported(cfg, device)):
+    # jax would fail deep inside lowering with a message that names no config key.
+    raise UserError(f"model.attention='cudnn' cannot run here: {why}; use model.attention="
+                    "'auto' (the fastest that runs here) or 'xla'.")
   if cfg.attention != "auto":
     return cfg.attention
-  device = jax.devices()[0]
   if device.platform == "cpu":
     return "chunked"
-  if (device.platform == "gpu" and "NVIDIA" in device.device_kind
-      and cfg.compute_dtype in (jnp.bfloat16, jnp.float16)
-      and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128):
-    return "cudnn"  # cuDNN's fused attention takes 16-bit inputs and these head dims.
-  return "xla"
+  return "xla" if cudnn_unsupported(cfg, device) else "cudnn"
 
 
 def chunked_attention(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL, chunk: int = ATTENTION_CHUNK):

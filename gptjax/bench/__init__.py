@@ -4,7 +4,8 @@ One module a benchmark (`decode`, `memory`, `serve`, `train`), the machine measu
 they compare against in `probes`, FLOP counts in `flops`, and the PyTorch reference step in
 `torch_gpt`.
 A benchmark module exposes `run(**flags) -> dict`; BENCHMARKS maps each command name to its
-module, imported only when that benchmark runs.
+module, imported only when that benchmark runs. `gpu_check` (`python -m gptjax.bench.gpu_check`)
+runs them, with their levers, as time-boxed subprocesses on one GPU.
 """
 
 import importlib

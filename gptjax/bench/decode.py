@@ -1,8 +1,9 @@
-"""`bench decode`: prefill and decode tokens/s of cached generation at batch 1 and 8, next to
-the limits this machine sets: the decode rate that the forward pass's FLOPs allow at the
-float32 matmul rate measured in the same run, and the one its memory traffic (weights plus
-KV cache read each step) allows at the measured memory bandwidth. `ratio` = that roofline /
-the measured decode rate (1.0 would be perfect).
+"""`bench decode`: prefill and decode tokens/s of cached generation at batch 1 and 8 (or
+`--batch_sizes`), next to the limits this machine sets: the decode rate that the forward
+pass's FLOPs allow at the matmul rate measured in the same run (in the model's compute
+dtype), and the one its memory traffic (weights plus KV cache read each step) allows at the
+measured memory bandwidth. `ratio` = that roofline / the measured decode rate (1.0 would be
+perfect).
 
 Timings are the best of `repeats` runs after a warm-up call that compiles: on a shared machine
 the best run is the one least disturbed by other work. `recompiles` counts the XLA
@@ -36,7 +37,10 @@ def decode(generator: generate_lib.Generator, *, batch_sizes=(1, 8), prompt_len:
   if prompt_len + new_tokens > cfg.max_len:
     raise UserError(f"prompt_len={prompt_len} + new_tokens={new_tokens} exceeds the model's "
                      f"max_len={cfg.max_len}; lower one of them.")
-  rate = probes.matmul_gflops()
+  # The compute dtype's rate: a bf16 model on a GPU runs its matmuls on the bf16 tensor cores,
+  # twice the float32 (TF32) rate. Accelerators need larger matmuls than a CPU to reach it.
+  on_cpu = jax.devices()[0].platform == "cpu"
+  rate = probes.matmul_gflops(1024 if on_cpu else 4096, dtype=cfg.compute_dtype)
   sampling = generate_lib.Sampling(max_new_tokens=new_tokens, temperature=0)
   rng = np.random.default_rng(0)
   results = []
@@ -108,7 +112,7 @@ def generator_from_config(config: config_lib.StageConfig) -> generate_lib.Genera
 
 
 def run(*, workdir: str | None = None, config: config_lib.StageConfig | None = None,
-        step: int | str | None = None, **unused_flags) -> dict:
+        step: int | str | None = None, batch_sizes=(1, 8), **unused_flags) -> dict:
   """The decode benchmark on a trained run (`workdir`) or on random weights (`config`)."""
   if workdir:
     generator, _ = generate_lib.load(workdir, step, stop_ids=())  # Decode every token.
@@ -117,6 +121,6 @@ def run(*, workdir: str | None = None, config: config_lib.StageConfig | None = N
   else:
     raise UserError("`bench decode` needs --workdir DIR (a trained run) or --config FILE "
                      "(random weights of that model).")
-  return decode(generator)
+  return decode(generator, batch_sizes=batch_sizes)
 
 

@@ -179,7 +179,7 @@ def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
 
 
 def run(*, workdir: str | None = None, config: config_lib.StageConfig | None = None,
-        step=None, steps: int = 20, torch: str = "auto") -> dict:
+        step=None, steps: int = 20, torch: str = "auto", **unused_flags) -> dict:
   """The train benchmark of --config (a fresh model on random tokens)."""
   del step
   if config is None or workdir:
