@@ -263,7 +263,7 @@ def test_serve_stops_cleanly_on_a_signal_with_a_request_in_flight(trained_workdi
   port = sock.getsockname()[1]
   sock.close()
   proc = subprocess.Popen([sys.executable, "-m", "gptjax", "serve", "--workdir",
-                           trained_workdir, "--port", str(port), "--max_batch", "2"],
+                           trained_workdir, "--port", str(port), "--max_batch", "8"],
                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env={**os.environ, "PYTHONPATH": ROOT})
   try:

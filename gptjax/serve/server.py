@@ -7,7 +7,9 @@ any request still decoding ends with an error instead of hanging.
 
 import contextlib
 import os
+import signal
 import socket
+import sys
 import threading
 
 import uvicorn
@@ -27,7 +29,7 @@ def build(workdir: str, step=None, *, max_batch: int = 16, max_queue: int = 64,
   try:
     engine = engine_lib.Engine(generator, max_batch=max_batch, max_queue=max_queue)
   except ValueError as e:
-    raise UserError(f"{e} Pass a --max_batch that is.") from None
+    raise UserError(f"{e} Pass a --max_batch that is such a multiple.") from None
   engine.warm_up()
   name = os.path.basename(os.path.abspath(workdir))
   config = app_lib.ServeConfig(model_name=name, api_key=api_key)
@@ -43,8 +45,17 @@ def serve(workdir: str, step=None, *, host: str = "127.0.0.1", port: int = 8000,
   print(f"gptjax serve: {workdir} on http://{host}:{port}/ ({engine.max_batch} decode slots, "
         f"{engine.max_len}-token context{', API key required' if api_key else ''}); "
         "Ctrl-C stops.", flush=True)
+  # uvicorn shuts down gracefully on these, then raises the signal again for the handler it
+  # found: this one makes that a clean exit (status 0) instead of a kill or a traceback.
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, _stopped)
   uvicorn.run(app, host=host, port=port, log_level="warning",
               timeout_graceful_shutdown=GRACE_SECONDS)
+
+
+def _stopped(signum, _):
+  print(f"gptjax serve: stopped ({signal.Signals(signum).name}).", flush=True)
+  sys.exit(0)
 
 
 def free_socket(host: str = "127.0.0.1") -> socket.socket:
