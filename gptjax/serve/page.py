@@ -47,7 +47,11 @@ _PAGE = """<!doctype html>
 </form>
 <script>
 const MODEL = __MODEL__;
+const CONTEXT = __CONTEXT__;
+// The whole conversation (shown); the model is sent history.slice(first): like `chat`, the
+// oldest exchanges are left out once the conversation outgrows the context.
 let history = [];
+let first = 0;
 const $ = (id) => document.getElementById(id);
 
 function bubble(role, text) {
@@ -74,13 +78,20 @@ async function send(text) {
   if ($("apikey").value) headers["Authorization"] = "Bearer " + $("apikey").value;
   let answer = "";
   try {
-    const response = await fetch("/v1/chat/completions", {method: "POST", headers,
-      body: JSON.stringify({model: MODEL, messages: history, stream: true,
-                            temperature: parseFloat($("temperature").value)})});
-    if (!response.ok) {
-      let message = response.status + " " + response.statusText;
-      try { message = (await response.json()).error.message; } catch (e) {}
-      throw new Error(message);
+    let response;
+    for (;;) {
+      response = await fetch("/v1/chat/completions", {method: "POST", headers,
+        body: JSON.stringify({model: MODEL, messages: history.slice(first), stream: true,
+                              max_tokens: Math.floor(CONTEXT / 2),
+                              temperature: parseFloat($("temperature").value)})});
+      if (response.ok) break;
+      let error = {message: response.status + " " + response.statusText};
+      try { error = (await response.json()).error; } catch (e) {}
+      if (error.code === "context_length_exceeded" && first + 2 < history.length) {
+        first += 2;  // Leave out the oldest exchange and ask again.
+        continue;
+      }
+      throw new Error(error.message);
     }
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
@@ -108,6 +119,7 @@ async function send(text) {
     reply.dataset.done = "true";
   } catch (e) {
     history.pop();
+    first = Math.min(first, history.length);
     reply.remove();
     showError("Error: " + e.message);
   } finally {
@@ -127,6 +139,7 @@ $("input").addEventListener("keydown", (e) => {
 });
 $("new-chat").addEventListener("click", () => {
   history = [];
+  first = 0;
   $("messages").innerHTML = "";
   showError("");
 });
