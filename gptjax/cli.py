@@ -15,6 +15,10 @@
   chat     --workdir DIR [--system TEXT] [--message TEXT ...] [--json] [sampling flags]
            Multi-turn chat on the terminal (/reset, /exit, Ctrl-D; Ctrl-C stops a reply), or
            one reply per --message (or stdin line) for scripts.
+  import-hf --model HF_DIR --workdir DIR [--dtype float32|bfloat16]
+           Imports a Hugging Face GPT-2 or Llama-family model (weights and tokenizer) at step 0.
+  export-hf --workdir DIR --out HF_DIR [--step N|best] [--dtype float32|bfloat16]
+           Writes a checkpoint as a Hugging Face model directory transformers loads.
   bench    decode (--workdir DIR | --config experiments/NAME.py) [--step N|best]
            [--batch_sizes 1,8,64]
            Prefill and decode tokens/s at each batch size against the machine's limits, as JSON.
@@ -35,6 +39,7 @@ anything else is a bug in gptjax: its traceback, a line saying so, and exit stat
 """
 
 import json
+import os
 import re
 import sys
 import traceback
@@ -78,6 +83,12 @@ _NO_REPEAT_NGRAM_SIZE = flags.DEFINE_integer(
     "no_repeat_ngram_size", 0, "Never repeat an n-gram of this many tokens; 0: off.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "sample: completions per prompt.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed: the same seed gives the same text.")
+_MODEL = flags.DEFINE_string(
+    "model", None, "import-hf: a local Hugging Face model directory (config.json, safetensors, "
+    "tokenizer.json).")
+_OUT = flags.DEFINE_string("out", None, "export-hf: the directory to write (must not exist).")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                           "import-hf / export-hf: the dtype of the written weights.")
 _BENCH_STEPS = flags.DEFINE_integer("steps", 20, "bench train: timed steps after the warm-up.")
 _TORCH = flags.DEFINE_enum(
     "torch", "auto", ["auto", "on", "off"], "bench train: also time the PyTorch reference step "
@@ -307,6 +318,33 @@ def cmd_serve():
                max_batch=_MAX_BATCH.value, api_key=_API_KEY.value)
 
 
+def cmd_import_hf():
+  """Imports a Hugging Face model directory into a new workdir at step 0."""
+  from gptjax.hf import importer
+
+  model_dir = _require(_MODEL, "model", "import-hf")
+  workdir = _require(_WORKDIR, "workdir", "import-hf")
+  importer.import_hf(model_dir, workdir, dtype=_DTYPE.value or "float32")
+  from gptjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(model_dir, "config.json")) as f:
+    arch = json.load(f)["architectures"][0]
+  m = workdir_lib.read_config(workdir).model
+  print(f"Imported {arch} ({m.num_layers} layers, d_model {m.d_model}, vocabulary "
+        f"{m.vocab_size}) into {workdir}; start a stage from it with --config.init_from="
+        f"{workdir} (e.g. --config experiments/hf_dialogue.py:{workdir}).")
+
+
+def cmd_export_hf():
+  """Exports a checkpoint of --workdir as a Hugging Face model directory."""
+  from gptjax.hf import exporter
+
+  workdir = _require(_WORKDIR, "workdir", "export-hf")
+  out = _require(_OUT, "out", "export-hf")
+  arch = exporter.export_hf(workdir, out, step=_step(), dtype=_DTYPE.value)
+  print(f"Exported {workdir} as {arch} to {out}; load it with transformers' "
+        "AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained.")
+
+
 def _host_config() -> dict:
   """`config.host` of --config (of its first stage for a pipeline), else of --workdir's run,
   else the defaults: the process settings gptjax/host.py applies before anything runs."""
@@ -343,6 +381,8 @@ COMMANDS = {
     "bench": (cmd_bench, ("config", "workdir", "step", "steps", "torch", "batch_sizes",
                           "clients", "requests", "max_batch")),
     "serve": (cmd_serve, ("workdir", "step", "host", "port", "max_batch", "api_key")),
+    "import-hf": (cmd_import_hf, ("model", "workdir", "dtype")),
+    "export-hf": (cmd_export_hf, ("workdir", "step", "out", "dtype")),
 }
 # Commands that take one positional argument (`bench decode`).
 TAKES_ARGUMENT = {"bench"}

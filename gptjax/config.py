@@ -43,6 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.mlp = "gelu"  # "gelu" (GPT-2) or "swiglu" (Shazeer 2020).
   m.use_bias = False  # Biases in dense layers and LayerNorm.
   m.tie_embeddings = True  # Output head reuses the token embedding matrix.
+  m.num_kv_heads = 0  # Key/value heads, dividing num_heads (grouped-query attention); 0: num_heads.
+  m.qkv_bias = False  # Biases on the q, k and v projections only (Qwen2); use_bias adds all.
+  m.norm_eps = 1e-5  # Epsilon inside LayerNorm / RMSNorm (imported models bring their own).
   m.dtype = "float32"  # Compute dtype of matmuls ("bfloat16" on accelerators); loss is float32.
   m.param_dtype = "float32"  # Storage dtype of parameters and optimizer state.
   m.scan_layers = False  # nn.scan over blocks: compile time independent of depth.
@@ -380,6 +383,7 @@ def from_json(text: str) -> StageConfig:
 MODEL_SHAPE_KEYS = (
     "vocab_size", "num_layers", "num_heads", "d_model", "d_ff", "max_len", "positions",
     "norm", "mlp", "use_bias", "tie_embeddings", "param_dtype", "scan_layers",
+    "num_kv_heads", "qkv_bias",
 )
 
 

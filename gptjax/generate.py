@@ -406,8 +406,9 @@ def completions(run: Run, stop_ids: Sequence[int]) -> list[Completion]:
 
 
 def load(workdir: str, step: int | str | None = None, *, mesh=None,
-         stop_ids: Sequence[int] = STOP_IDS) -> tuple[Generator, tokenizer_lib.Tokenizer]:
-  """A Generator with the parameters of checkpoint `step` (None: latest, "best") of a run."""
+         stop_ids: Sequence[int] | None = None) -> tuple[Generator, tokenizer_lib.Tokenizer]:
+  """A Generator with the parameters of checkpoint `step` (None: latest, "best") of a run;
+  `stop_ids` None: the tokenizer's <|end|> and eos (an imported tokenizer has its own ids)."""
   config = workdir_lib.read_config(workdir)
   tokenizer = workdir_lib.load_tokenizer(workdir)
   mesh = mesh or sharding.make_mesh(config.mesh.sizes)
@@ -426,4 +427,6 @@ def load(workdir: str, step: int | str | None = None, *, mesh=None,
     params = checkpoints.restore_params(checkpoints.resolve(step), abstract)
   finally:
     checkpoints.close()
+  if stop_ids is None:
+    stop_ids = (tokenizer.end_id, tokenizer.eos_id)
   return Generator(model, params, mesh, rules, stop_ids=stop_ids), tokenizer

@@ -65,6 +65,9 @@ class ModelConfig:
   mlp: str = "gelu"
   use_bias: bool = False
   tie_embeddings: bool = True
+  num_kv_heads: int = 0  # Key/value heads (grouped-query attention); 0: num_heads.
+  qkv_bias: bool = False  # Biases on the q, k and v projections only (Qwen2).
+  norm_eps: float = 1e-5
   dtype: str = "float32"
   param_dtype: str = "float32"
   scan_layers: bool = False
@@ -92,6 +95,12 @@ class ModelConfig:
     if self.d_model % self.num_heads:
       raise UserError(f"model.d_model={self.d_model} is not divisible by model.num_heads="
                       f"{self.num_heads}; choose heads that divide d_model.")
+    if self.num_kv_heads < 0 or self.num_heads % self.kv_heads:
+      raise UserError(f"model.num_kv_heads={self.num_kv_heads} does not divide model.num_heads="
+                      f"{self.num_heads}; set it to a divisor of num_heads (0: num_heads).")
+    if self.norm_eps <= 0:
+      raise UserError(f"model.norm_eps={self.norm_eps} is not positive; set "
+                      "--config.model.norm_eps to a small positive number.")
     if self.positions == "rope" and self.head_dim % 2:
       raise UserError(f"RoPE needs an even head dim, got d_model/num_heads={self.head_dim}; "
                       "change model.d_model or model.num_heads.")
@@ -99,6 +108,11 @@ class ModelConfig:
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    """Key/value heads: num_kv_heads, or num_heads when it is 0."""
+    return self.num_kv_heads or self.num_heads
 
   @property
   def compute_dtype(self):
@@ -129,7 +143,7 @@ class Norm(nn.Module):
     x = x_BLD.astype(jnp.float32)
     if cfg.norm == "layernorm":
       x = x - x.mean(-1, keepdims=True)
-    x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-5)
+    x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + cfg.norm_eps)
     x = x * _param(self, "scale", nn.initializers.ones, (cfg.d_model,), ("norm",),
                    cfg.weight_dtype)
     if cfg.norm == "layernorm" and cfg.use_bias:
@@ -247,25 +261,26 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BLD, segment_ids_BL, positions_BL, cache=None):
-    """y_BLD, or with `cache` (k_BHSK, v_BHSK, start_B, index): (y_BLD, (k_BHSK, v_BHSK))."""
+    """y_BLD, or with `cache` (k_BGSK, v_BGSK, start_B, index): (y_BLD, (k_BGSK, v_BGSK)),
+    G = cfg.kv_heads."""
     cfg = self.cfg
     H, K, D = cfg.num_heads, cfg.head_dim, cfg.d_model
-    # One fused projection for q, k and v: a single larger matmul runs faster than three.
-    w_qkv = _param(self, "qkv", _init(cfg), (D, 3, H, K), ("embed", None, "heads", "kv"),
-                   cfg.weight_dtype)
     B, L = x_BLD.shape[:2]
-    qkv_R3HK = jnp.einsum("RD,DTHK->RTHK", rows(x_BLD), w_qkv.astype(cfg.compute_dtype))
-    qkv_BL3HK = qkv_R3HK.reshape(B, L, 3, H, K)
-    if cfg.use_bias:
-      b = _param(self, "qkv_bias", nn.initializers.zeros, (3, H, K), (None, "heads", "kv"),
-                 cfg.weight_dtype)
-      qkv_BL3HK = qkv_BL3HK + b.astype(cfg.compute_dtype)
-    q_BLHK, k_BLHK, v_BLHK = (qkv_BL3HK[:, :, i] for i in range(3))
+    if cfg.kv_heads == H:
+      q_BLHK, k_BLGK, v_BLGK = self._fused_qkv(x_BLD)
+    else:
+      q_BLHK, k_BLGK, v_BLGK = self._grouped_qkv(x_BLD)
     if cfg.positions == "rope":
       q_BLHK = rope(q_BLHK, positions_BL, cfg.rope_theta)
-      k_BLHK = rope(k_BLHK, positions_BL, cfg.rope_theta)
+      k_BLGK = rope(k_BLGK, positions_BL, cfg.rope_theta)
     q_BLHK = nn.with_logical_constraint(q_BLHK, ("batch", "act_length", "act_heads", None))
     implementation = attention_implementation(cfg)
+    # Grouped-query attention: each key/value head serves H / G query heads. The cache keeps
+    # the G heads (its memory is what GQA saves); attention sees them repeated.
+    groups = H // cfg.kv_heads
+    if cache is None:
+      k_BLHK, v_BLHK = (jnp.repeat(t, groups, axis=2) if groups > 1 else t
+                        for t in (k_BLGK, v_BLGK))
     if cache is None and implementation == "chunked":
       out_BLHK = chunked_attention(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL)
     elif cache is None:
@@ -275,9 +290,11 @@ class Attention(nn.Module):
     else:
       # Write first, then attend: the update is in place, whereas attending over the old
       # cache and writing after makes XLA keep the old version, copying the cache each step.
-      k_BHSK, v_BHSK, start_B, index = cache
-      k_BHSK = _write_cache(k_BHSK, k_BLHK, index)
-      v_BHSK = _write_cache(v_BHSK, v_BLHK, index)
+      k_BGSK, v_BGSK, start_B, index = cache
+      k_BGSK = _write_cache(k_BGSK, k_BLGK, index)
+      v_BGSK = _write_cache(v_BGSK, v_BLGK, index)
+      k_BHSK, v_BHSK = (jnp.repeat(t, groups, axis=1) if groups > 1 else t
+                        for t in (k_BGSK, v_BGSK))
       out_BLHK = cached_attention(q_BLHK, k_BHSK, v_BHSK, start_B, index)
     w_out = _param(self, "out", _init(cfg, residual=True), (H, K, D), ("heads", "kv", "embed"),
                    cfg.weight_dtype)
@@ -287,7 +304,42 @@ class Attention(nn.Module):
       y_BLD = y_BLD + _param(self, "out_bias", nn.initializers.zeros, (D,), ("embed",),
                              cfg.weight_dtype).astype(cfg.compute_dtype)
     y_BLD = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(y_BLD)
-    return y_BLD if cache is None else (y_BLD, (k_BHSK, v_BHSK))
+    return y_BLD if cache is None else (y_BLD, (k_BGSK, v_BGSK))
+
+  def _fused_qkv(self, x_BLD):
+    """q, k, v from one fused projection: a single larger matmul runs faster than three."""
+    cfg = self.cfg
+    H, K, D = cfg.num_heads, cfg.head_dim, cfg.d_model
+    B, L = x_BLD.shape[:2]
+    w_qkv = _param(self, "qkv", _init(cfg), (D, 3, H, K), ("embed", None, "heads", "kv"),
+                   cfg.weight_dtype)
+    qkv_R3HK = jnp.einsum("RD,DTHK->RTHK", rows(x_BLD), w_qkv.astype(cfg.compute_dtype))
+    qkv_BL3HK = qkv_R3HK.reshape(B, L, 3, H, K)
+    if cfg.use_bias or cfg.qkv_bias:
+      b = _param(self, "qkv_bias", nn.initializers.zeros, (3, H, K), (None, "heads", "kv"),
+                 cfg.weight_dtype)
+      qkv_BL3HK = qkv_BL3HK + b.astype(cfg.compute_dtype)
+    return tuple(qkv_BL3HK[:, :, i] for i in range(3))
+
+  def _grouped_qkv(self, x_BLD):
+    """q [B, L, H, K] and k, v [B, L, G, K] for G < H key/value heads (two projections)."""
+    cfg = self.cfg
+    H, G, K, D = cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.d_model
+    B, L = x_BLD.shape[:2]
+    x_RD = rows(x_BLD)
+    w_q = _param(self, "q", _init(cfg), (D, H, K), ("embed", "heads", "kv"), cfg.weight_dtype)
+    w_kv = _param(self, "kv", _init(cfg), (D, 2, G, K), ("embed", None, "heads", "kv"),
+                  cfg.weight_dtype)
+    q_BLHK = jnp.einsum("RD,DHK->RHK", x_RD, w_q.astype(cfg.compute_dtype)).reshape(B, L, H, K)
+    kv_BL2GK = jnp.einsum("RD,DTGK->RTGK", x_RD, w_kv.astype(cfg.compute_dtype)).reshape(
+        B, L, 2, G, K)
+    if cfg.use_bias or cfg.qkv_bias:
+      q_BLHK = q_BLHK + _param(self, "q_bias", nn.initializers.zeros, (H, K), ("heads", "kv"),
+                               cfg.weight_dtype).astype(cfg.compute_dtype)
+      kv_BL2GK = kv_BL2GK + _param(self, "kv_bias", nn.initializers.zeros, (2, G, K),
+                                   (None, "heads", "kv"), cfg.weight_dtype).astype(
+                                       cfg.compute_dtype)
+    return q_BLHK, kv_BL2GK[:, :, 0], kv_BL2GK[:, :, 1]
 
 
 class Mlp(nn.Module):
@@ -355,7 +407,7 @@ class KVCache:
 
 def init_cache(cfg: ModelConfig, start_B, capacity: int) -> KVCache:
   """An empty cache of `capacity` columns for rows whose tokens begin at `start_B`."""
-  shape = (start_B.shape[0], cfg.num_heads, capacity, cfg.head_dim)
+  shape = (start_B.shape[0], cfg.kv_heads, capacity, cfg.head_dim)
 
   def zeros():
     return tuple(nn.with_logical_constraint(jnp.zeros(shape, cfg.compute_dtype), CACHE_AXES)

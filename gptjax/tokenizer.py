@@ -7,6 +7,12 @@ are reserved from the start:
   4 <|system|>   5 <|user|>   6 <|assistant|>   7 <|end|>   8 "\\n"
   9..264 the 256 byte pieces <0x00>..<0xFF>, then the learned pieces.
 
+A workdir's tokenizer is of one of two kinds behind the same interface: this module's
+SentencePiece model, trained here, or an imported model's own `tokenizers`-library tokenizer
+(gptjax/hf/tokenizer.py), whose special-token ids come from the tokenizer itself. Code that
+needs the ids reads them from the tokenizer object (`tokenizer.eos_id`), never these constants;
+`Tokenizer.load` and `Tokenizer.from_bytes` return whichever kind the bytes hold.
+
 Byte fallback, identity normalization, no whitespace collapsing, no dummy prefix and
 escaping the literal "\u2581" (SentencePiece's space marker) to its bytes make
 `decode(encode(s)) == s` for every valid Unicode string, never producing <unk>.
@@ -57,7 +63,11 @@ class Tokenizer:
 
   @classmethod
   def from_bytes(cls, model_bytes: bytes) -> "Tokenizer":
-    """Loads a serialized SentencePiece model, checking the reserved-id layout."""
+    """Loads a serialized SentencePiece model, checking the reserved-id layout; or, for the
+    JSON of an imported model's tokenizer, a gptjax.hf.tokenizer.TokenizersTokenizer."""
+    if bytes(model_bytes[:1]) == b"{":
+      from gptjax.hf import tokenizer as hf_tokenizer  # pylint: disable=g-import-not-at-top
+      return hf_tokenizer.TokenizersTokenizer(model_bytes)
     return cls(model_bytes)
 
   @classmethod

@@ -153,12 +153,14 @@ class Engine:
   """Continuous batching of token requests over a Generator's model, parameters and mesh."""
 
   def __init__(self, generator: generate_lib.Generator, *, max_batch: int = 16,
-               max_queue: int = 64, stop_ids: Sequence[int] = generate_lib.STOP_IDS):
+               max_queue: int = 64, stop_ids: Sequence[int] | None = None):
+    """`stop_ids` None: the generator's (the tokenizer's <|end|> and eos)."""
     dp = sharding.data_parallel_size(generator.mesh)
     if max_batch < 1 or max_batch % dp:
       raise ValueError(f"max_batch={max_batch} must be a positive multiple of the mesh's "
                        f"data-parallel size {dp}.")
-    self.max_batch, self.max_queue, self.stop_ids = max_batch, max_queue, set(stop_ids)
+    self.max_batch, self.max_queue = max_batch, max_queue
+    self.stop_ids = set(generator.stop_ids if stop_ids is None else stop_ids)
     self.max_len = generator.max_len
     self.params = generator.params
     model, mesh, rules = generator.model, generator.mesh, generator.rules
