@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import openai
 import pytest
-from conftest import ROOT, TOKENIZER_VOCAB, make_mesh
+from conftest import ROOT, TOKENIZER_VOCAB, gptjax, make_mesh
 
 from gptjax import config as config_lib
 from gptjax import dialogue, generate
@@ -305,3 +305,15 @@ def test_serve_stops_cleanly_on_a_signal_with_a_request_in_flight(trained_workdi
     if proc.poll() is None:
       proc.kill()
       proc.wait()
+
+
+@pytest.mark.slow
+def test_bench_serve_prints_throughput_latency_and_no_errors(trained_workdir):
+  out = gptjax("bench", "serve", "--workdir", trained_workdir, "--clients", "1,2",
+               "--requests", "2", "--max_batch", "8", check=True)
+  result = json.loads(out.stdout)
+  assert [r["clients"] for r in result["serve"]] == [1, 2]
+  for r in result["serve"]:
+    assert r["errors"] == 0 and r["output_tokens_per_second"] > 0
+    assert r["time_to_first_token_s"]["p50"] > 0 and 0 < r["batch_occupancy"] <= 1
+  assert result["sequential_chat_decoding"]["output_tokens_per_second"] > 0

@@ -128,6 +128,12 @@ def run(*, workdir: str | None = None, step=None, clients: str = "1,8,32",
   if not counts or min(counts) < 1:
     raise UserError(f"--clients={clients!r} is not a list of positive integers; e.g. 1,8,32.")
   generator, tokenizer = generate_lib.load(workdir, step)
+  longest = max(len(dialogue.render_prompt([{"role": "user", "content": m}], tokenizer))
+                for m in MESSAGES)
+  if longest >= generator.max_len:
+    raise UserError(f"The benchmark's prompts need {longest + 1} tokens of context; "
+                    f"{workdir}'s model has {generator.max_len}.")
+  max_tokens = min(max_tokens, generator.max_len - longest)  # Every request fits.
   # Enough slots for the most clients: a request never waits behind the batch.
   engine = engine_lib.Engine(generator, max_batch=max(max_batch, max(counts)),
                              max_queue=max(counts) * 2)
