@@ -7,9 +7,21 @@ once complete, so a run killed mid-save leaves the previous checkpoint as the la
 
 Kept: the latest `max_to_keep` steps, plus the step with the lowest `eval_loss` among those
 saved with metrics (the "best" checkpoint that `--step best` and `init_from_step` pick).
+
+Damage (a disk error, a copy cut short, a crash outside Orbax's rename) is told apart from a
+bug: a step whose metadata is missing or unreadable, or whose restore fails, is "damaged".
+The latest step resolves to the newest undamaged one (saying which were skipped); a step
+named explicitly that is damaged is an error naming it and why. A resumed run falls back to
+the newest step that restores, and moves the damaged ones newer than it to
+`DIR/checkpoints.damaged/<step>` (never deleted), so its own saves of those steps go through.
 """
 
+import contextlib
+import json
 import os
+import re
+import shutil
+import sys
 
 import grain
 import jax
@@ -21,6 +33,33 @@ from gptjax.errors import UserError
 
 def _eval_loss(metrics) -> float:
   return metrics["eval_loss"]
+
+
+class CheckpointWriteError(UserError):
+  """A checkpoint could not be written (disk full, permissions); earlier ones are intact."""
+
+
+# How a failed write reads in OSError, TensorStore and Orbax messages.
+_WRITE_FAILURES = re.compile(r"No space left|RESOURCE_EXHAUSTED|Permission denied|Read-only file "
+                             r"system|Disk quota exceeded|os_error_code='(28|13|30|122)'")
+
+
+class DamagedCheckpointError(UserError):
+  """A checkpoint step on disk cannot be read."""
+
+  def __init__(self, message: str, step: int, why: str):
+    super().__init__(message)
+    self.step, self.why = step, why
+
+
+# Files every complete step has; JSON ones are parsed (a truncated JSON file fails to).
+_REQUIRED = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt")
+_JSON = ("_CHECKPOINT_METADATA", "state/_METADATA")
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 class Checkpoints:
@@ -37,9 +76,44 @@ class Checkpoints:
         preservation_policy=keep, best_fn=_eval_loss, best_mode="min",
         create=not read_only, read_only=read_only, enable_async_checkpointing=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._pending, self._failed = None, False
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+  def damage(self, step: int) -> str | None:
+    """Why step `step` cannot be restored, judged from its files without reading the arrays
+    (a restore finds the rest); None if it looks complete."""
+    folder = os.path.join(self.directory, str(step))
+    for name in _REQUIRED:
+      if not os.path.isfile(os.path.join(folder, name)):
+        return f"{name} is missing"
+    data = os.path.join(folder, "data")
+    names = [*_JSON, *(f"data/{n}" for n in (os.listdir(data) if os.path.isdir(data) else ())
+                       if n.endswith(".json"))]
+    for name in names:
+      try:
+        with open(os.path.join(folder, name)) as f:
+          json.load(f)
+      except (OSError, ValueError) as e:
+        return f"{name} is unreadable ({_first_line(e)})"
+    return None
+
+  def _damaged(self, step: int, why: str) -> DamagedCheckpointError:
+    others = ", ".join(str(s) for s in self.all_steps() if s != step) or "none"
+    return DamagedCheckpointError(
+        f"Checkpoint {step} in {self.directory} is damaged: {why}. It is left as it is; pass "
+        f"--step with another saved step (others: {others}) or restore the folder from a copy.",
+        step, why)
+
+  def _intact_latest(self) -> int | None:
+    """The newest step that looks complete; warns about each damaged one it skips."""
+    for step in sorted(self.all_steps(), reverse=True):
+      why = self.damage(step)
+      if why is None:
+        return step
+      _warn(f"checkpoint {step} in {self.directory} is damaged ({why}); skipping it.")
+    return None
 
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
@@ -52,11 +126,15 @@ class Checkpoints:
   def resolve(self, step: int | str | None) -> int:
     """A step number from None (latest), "best", "latest" or a number; raises if absent."""
     if step in (None, "latest"):
-      found = self.latest_step()
+      found = self._intact_latest()
+      if found is None and self.all_steps():
+        raise self._damaged(self.latest_step(), "every saved step is damaged")
     elif step == "best":
       found = self.best_step()
     else:
       found = int(step) if int(step) in self.all_steps() else None
+    if found is not None and (why := self.damage(found)):
+      raise self._damaged(found, why)
     if found is None:
       have = ", ".join(map(str, self.all_steps())) or "none"
       raise UserError(f"No checkpoint {step or 'at all'} in {self.directory} (steps: {have}); "
@@ -69,7 +147,24 @@ class Checkpoints:
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     metrics = None if eval_loss is None else {"eval_loss": float(eval_loss)}
-    self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+    with self._writing():  # The previous save's failure surfaces here.
+      self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+    self._pending = step
+
+  @contextlib.contextmanager
+  def _writing(self):
+    """Turns a failed write (disk full, no permission) into a CheckpointWriteError."""
+    try:
+      yield
+    except (OSError, ValueError, RuntimeError) as e:
+      if isinstance(e, UserError) or not _WRITE_FAILURES.search(str(e)):
+        raise
+      self._failed = True
+      kept = ", ".join(str(s) for s in self.all_steps()) or "none"
+      raise CheckpointWriteError(
+          f"Could not write checkpoint {self._pending} to {self.directory} "
+          f"({_first_line(e)}); the earlier checkpoints (steps: {kept}) are intact. Free disk "
+          "space or fix the folder's permissions, then rerun to resume.") from None
 
   def has_data_state(self, step: int) -> bool:
     """Whether `step` holds a data-iterator position for this process layout (grain saves
@@ -82,7 +177,51 @@ class Checkpoints:
     items = {"state": _restore_args(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+    return self._restore(step, items).state
+
+  def restore_latest(self, abstract_state, data_iterator=None):
+    """(state, step) of the newest step that restores, or None if no step does. Damaged
+    newer steps are moved to `checkpoints.damaged/` (the run will save those steps again)."""
+    damaged = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        if why := self.damage(step):
+          raise self._damaged(step, why)
+        state = self.restore(step, abstract_state, data_iterator)
+      except DamagedCheckpointError as e:
+        _warn(f"checkpoint {step} in {self.directory} is damaged ({e.why}); falling back to "
+              "the previous one.")
+        damaged.append(step)
+        continue
+      self._set_aside(damaged)
+      return state, step
+    if damaged:
+      raise self._damaged(damaged[0], "no saved step restores (all are damaged)")
+    return None
+
+  def _set_aside(self, steps: list[int]):
+    if not steps or jax.process_index() != 0:
+      return
+    aside = self.directory + ".damaged"
+    os.makedirs(aside, exist_ok=True)
+    for step in steps:
+      target = os.path.join(aside, str(step))
+      while os.path.exists(target):
+        target += "_"
+      shutil.move(os.path.join(self.directory, str(step)), target)
+      _warn(f"moved damaged checkpoint {step} to {target} (kept, not deleted).")
+    self.manager.reload()
+
+  def _restore(self, step: int, items: dict):
+    _quiet_closed_loop_callbacks()
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(**items))
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+      # A bad file reads as any of these, from Orbax, TensorStore or grain. Not a UserError
+      # that something upstream raised on purpose: those keep their own message.
+      if isinstance(e, UserError):
+        raise
+      raise self._damaged(step, f"restoring it failed ({_first_line(e)})") from e
 
   def restore_params(self, step: int, abstract_params):
     """Restores only the parameters (no optimizer state), onto `abstract_params`' shardings.
@@ -91,13 +230,42 @@ class Checkpoints:
     not match the one in use now.
     """
     args = _restore_args({"params": abstract_params}, partial=True)
-    return self.manager.restore(step, args=ocp.args.Composite(state=args)).state["params"]
+    return self._restore(step, {"state": args}).state["params"]
 
   def wait(self):
-    self.manager.wait_until_finished()
+    with self._writing():
+      self.manager.wait_until_finished()
 
   def close(self):
-    self.manager.close()
+    reported = self._failed  # A failure already raised is not raised twice.
+    try:
+      with self._writing():
+        self.manager.close()
+    except CheckpointWriteError:
+      if not reported:
+        raise
+
+
+def _quiet_closed_loop_callbacks():
+  """Drops the 'Event loop is closed' tracebacks of a failed restore: TensorStore completes the
+  reads still in flight into the event loop Orbax closed when the first one failed, and
+  Python prints each of those callbacks' errors; the restore's own error says it all."""
+  previous = sys.unraisablehook
+  if getattr(previous, "gptjax_quiet", False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and "Event loop is closed" in str(error)):
+      previous(unraisable)
+
+  hook.gptjax_quiet = True
+  sys.unraisablehook = hook
+
+
+def _warn(line: str):
+  if jax.process_index() == 0:
+    print(f"gptjax: warning: {line}", file=sys.stderr, flush=True)
 
 
 def latest_step(directory: str) -> int | None:

@@ -36,11 +36,18 @@ Config overrides follow ml_collections: an unknown key or a value of the wrong t
 error naming the key, and nothing starts. Each command takes only its own flags (COMMANDS).
 A problem the user can fix (gptjax.errors.UserError) is one line on stderr and exit status 1;
 anything else is a bug in gptjax: its traceback, a line saying so, and exit status 2.
+Problems of the command line itself (a config file that does not load, an override naming no
+key, an argument that is not UTF-8) are refused the same way before any command starts
+(`parse_flags`). SIGTERM or SIGINT during training saves the step in flight and exits 143 or
+130 (gptjax/train.py).
 """
 
+import errno
 import json
+import logging as py_logging
 import os
 import re
+import runpy
 import sys
 import traceback
 
@@ -269,6 +276,9 @@ def cmd_chat():
   from gptjax import chat, generate
 
   workdir = _require(_WORKDIR, "workdir", "chat")
+  for i, message in enumerate(_MESSAGE.value or []):
+    if not message.strip():
+      raise UserError(f"--message number {i + 1} is empty; give every --message some text.")
   sampling = _sampling()
   if sampling.num_samples != 1:
     raise UserError("`chat` gives one reply per message; drop --num_samples.")
@@ -401,6 +411,18 @@ def _check_flags(command: str):
                       f"{', '.join('--' + f for f in COMMANDS[command][1])}.")
 
 
+def _exit(status: int):
+  """Exits after a one-line report. Work abandoned by the error (an Orbax write cut short)
+  may leave asyncio tasks that log 'Task exception was never retrieved' when collected at
+  exit; they say nothing the line did not."""
+  py_logging.getLogger("asyncio").setLevel(py_logging.CRITICAL)
+  sys.exit(status)
+
+
+# errno values of a full disk or a folder that cannot be written.
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.ERROR)  # Orbax and tfds chatter at INFO and WARNING.
@@ -412,7 +434,7 @@ def main(argv):
   # First, before jax starts: this may re-execute the command (gptjax/host.py).
   host = _host_config()
   host_lib.apply(host["hugepages"], host["xla_cpu_flags"], sys.argv)
-  from gptjax.train import NonFiniteLossError  # pylint: disable=g-import-not-at-top
+  from gptjax.train import Interrupted, NonFiniteLossError  # pylint: disable=g-import-not-at-top
 
   command = argv[1]
   try:
@@ -421,16 +443,114 @@ def main(argv):
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                     auto=_DISTRIBUTED.value)
     COMMANDS[command][0](*argv[2:])
+  except Interrupted as e:
+    # SIGTERM/SIGINT during training: the step's checkpoint is saved; say how to resume.
+    print(f"gptjax {command}: {e}", file=sys.stderr)
+    _exit(e.exit_status)
+  except KeyboardInterrupt:
+    print(f"gptjax {command}: interrupted (Ctrl-C); nothing was saved that was not saved "
+          "before.", file=sys.stderr)
+    _exit(130)
   except (UserError, NonFiniteLossError) as e:
     # Problems the user can fix (bad config, missing dataset, diverged loss): one line.
     print(f"gptjax {command}: error: {e}", file=sys.stderr)
-    sys.exit(1)
-  except Exception:  # pylint: disable=broad-except
+    _exit(1)
+  except Exception as e:  # pylint: disable=broad-except
+    if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
+      # The machine's problem, not gptjax's: a full disk, a read-only or forbidden folder.
+      print(f"gptjax {command}: error: {e}; free disk space or fix the permissions, then "
+            "rerun (a train run resumes from its last complete checkpoint).", file=sys.stderr)
+      _exit(1)
     traceback.print_exc()
     print(f"gptjax {command}: internal error: this is a bug in gptjax, not in your input; "
           "please report it with the traceback above.", file=sys.stderr)
     sys.exit(2)
 
 
+def _fail(message: str):
+  """Refuses the command line before any command starts: one line, exit status 1."""
+  print(f"gptjax: error: {message}", file=sys.stderr)
+  sys.exit(1)
+
+
+def _not_utf8(arg: str) -> bool:
+  # Python decodes argv bytes that are not UTF-8 into lone surrogates (surrogateescape).
+  return any("\udc80" <= ch <= "\udcff" for ch in arg)
+
+
+def _unknown_override(config, argv) -> str | None:
+  """The first `--config.A.B=V` whose key path is not in `config` (as written)."""
+  for arg in argv:
+    match = re.fullmatch(r"--config\.([^=]+)(=.*)?", arg)
+    if not match:
+      continue
+    node, path = config, match.group(1).split(".")
+    for i, key in enumerate(path):
+      if not hasattr(node, "keys") or key not in node:
+        where = ".".join(path[:i]) or "the config"
+        return (f"--config.{match.group(1)}: {where} has no key {key!r}; check the spelling "
+                f"(gptjax/config.py lists every key)")
+      node = node[key]
+  return None
+
+
+def _config_file_error(path: str, error: BaseException) -> str:
+  what = f"{type(error).__name__}: {error}".replace("\n", " ")
+  if isinstance(error, AttributeError) and "get_config" in str(error):
+    what = "it defines no get_config()"
+  elif isinstance(error, SyntaxError):
+    what = f"syntax error at line {error.lineno}: {error.msg}"
+  return (f"--config {path} could not be loaded ({what}); pass an experiment file that "
+          "defines get_config(), such as experiments/shakespeare_pretrain.py")
+
+
+def _config_arg(argv: list[str]) -> str | None:
+  """The value of --config as written (`--config FILE` or `--config=FILE`)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every problem of the command line as one line and exit 1
+  (absl and ml_collections would print tracebacks or several lines)."""
+  for arg in argv[1:]:
+    if _not_utf8(arg):
+      _fail(f"argument {arg.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8; pass "
+            "text in UTF-8 (check the terminal's or the script's encoding)")
+  config_arg = _config_arg(argv)
+  logging.set_verbosity(logging.ERROR)  # Until --verbosity is parsed: no warnings while loading.
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e).replace("\n", " "))
+  except Exception as e:  # noqa: BLE001
+    # Raised while running the experiment file or applying an override to its config.
+    if isinstance(e, (AttributeError, KeyError)) and config_arg:
+      try:  # Was it an override naming no key? Ask the experiment's config itself.
+        unknown = _unknown_override(runpy.run_path(config_arg)["get_config"](), argv[1:])
+      except Exception:  # noqa: BLE001
+        unknown = None
+      if unknown:
+        _fail(unknown)
+    _fail(_config_file_error(config_arg, e))
+  if flags.FLAGS["config"].present:
+    config = flags.FLAGS["config"].value
+    if config is None:
+      _fail(f"--config {config_arg}: get_config() returned None; make it return the config")
+    try:
+      config.keys()  # A config file that failed to load raises here (ml_collections defers it).
+    except OSError as e:
+      cause = e.__cause__ or e
+      if "No such file" in str(cause):
+        _fail(f"--config {config_arg} does not exist; pass an experiment file such as "
+              "experiments/shakespeare_pretrain.py")
+      _fail(_config_file_error(config_arg, cause))
+  return rest
+
+
 def run():
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

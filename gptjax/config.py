@@ -103,6 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
   tr.log_every = 10  # Steps between train rows in metrics.jsonl (metrics are averaged over them).
   tr.eval_every = 200  # Steps between evaluations; 0 disables (a final eval still runs).
   tr.checkpoint_every = 200  # Steps between checkpoints; one is always saved at the end.
+  # Also checkpoint at the first logging step this many minutes after the last save, so a hard
+  # kill loses at most about that much work; 0 disables.
+  tr.save_every_minutes = 0.0
   tr.max_to_keep = 3  # Latest checkpoints kept in the workdir (plus the best by eval loss).
   tr.trainable = "all"  # "all", "no_embed" (freeze embeddings) or "top:N" (top N blocks + head).
   tr.patience = 0  # Stop after this many evals without a lower eval loss; 0 never stops.
@@ -215,6 +218,7 @@ class TrainConfig:
   log_every: int
   eval_every: int
   checkpoint_every: int
+  save_every_minutes: float
   max_to_keep: int
   trainable: str
   patience: int
@@ -223,8 +227,9 @@ class TrainConfig:
     for key in ("steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every",
                 "max_to_keep"):
       _check(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "a positive integer")
+    # A learning rate of 0 is allowed: it evaluates a loaded model through the train loop.
     for key in ("warmup_steps", "eval_every", "patience", "weight_decay", "grad_clip",
-                "learning_rate"):
+                "learning_rate", "save_every_minutes"):
       _check(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "0 or more")
     _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio,
            "a ratio in [0, 1]")

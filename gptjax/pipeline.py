@@ -20,6 +20,7 @@ from gptjax import config as config_lib
 from gptjax import datasets
 from gptjax import dialogue
 from gptjax import sharding
+from gptjax import steps as steps_lib
 from gptjax import train as train_lib
 from gptjax import workdir as workdir_lib
 from gptjax.errors import UserError
@@ -89,6 +90,8 @@ def run(config: PipelineConfig, workdir: str, *, mesh=None,
         progress: bool = True) -> dict[str, train_lib.TrainResult]:
   """Trains every unfinished stage; returns the results of the stages run now."""
   workdir = os.path.abspath(workdir)
+  for _, stage_config in config.stages:  # Every stage's mesh and batch, before writing.
+    steps_lib.validate(stage_config, mesh or sharding.make_mesh(stage_config.mesh.sizes))
   tokenizer = shared_tokenizer(config, workdir)
   finished, results, previous = _finished(workdir), {}, None
   for name, stage_config in config.stages:

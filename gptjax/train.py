@@ -6,11 +6,16 @@ workdir (gptjax/workdir.py) up to date.
 
 import dataclasses
 import math
+import os
+import signal
+import sys
+import threading
 import time
 
 import jax
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
 from gptjax import checkpoint as ckpt_lib
 from gptjax import datasets
@@ -23,6 +28,88 @@ from gptjax import workdir as workdir_lib
 
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN or Inf; training stopped before saving the bad state."""
+
+
+class Interrupted(Exception):
+  """SIGTERM or SIGINT stopped training after a step whose checkpoint is saved and complete."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum = signum
+
+  @property
+  def exit_status(self) -> int:
+    return 128 + self.signum  # The shell's convention: 143 for SIGTERM, 130 for SIGINT.
+
+
+class StopSignals:
+  """Notes SIGTERM and SIGINT during training so the loop stops after the step in flight.
+
+  A preemption (a TPU VM's maintenance event, SLURM's time limit) sends SIGTERM and waits a
+  grace period before killing; Ctrl-C sends SIGINT. Either one is only recorded here: the loop
+  finishes its step, saves that step's checkpoint, waits for it and raises `Interrupted`. A
+  second signal during the save is reported and otherwise ignored, so it cannot tear the
+  checkpoint. In a multi-process run JAX's preemption service owns SIGTERM: it agrees on one
+  step across processes (`reached_preemption_sync_point`), so every process saves the same
+  step; SIGINT is turned into SIGTERM to take the same path.
+  """
+
+  def __init__(self):
+    self.signum = None
+    self.multiprocess = jax.process_count() > 1
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():  # Python's rule for handlers.
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        if not (self.multiprocess and signum == signal.SIGTERM):
+          self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    name = signal.Signals(signum).name
+    if self.signum is None:
+      self.signum = signum
+      print(f"\ngptjax: {name}: finishing the step in flight and saving its checkpoint; a "
+            "second signal will not interrupt the save.", file=sys.stderr, flush=True)
+      if self.multiprocess:
+        os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption service agrees on a step.
+    else:
+      print(f"gptjax: {name} again: still saving the checkpoint; it stops when that is "
+            "complete.", file=sys.stderr, flush=True)
+
+  def should_stop(self, step: int) -> bool:
+    """Whether to stop after `step` (every process gets the same answer for the same step)."""
+    if self.multiprocess:
+      reached = multihost_utils.reached_preemption_sync_point(step)
+      if reached and self.signum is None:
+        self.signum = signal.SIGTERM
+      return reached
+    return self.signum is not None
+
+
+class TimedSaves:
+  """`train.save_every_minutes`: a checkpoint at the first logging step that many minutes after
+  the last save (process 0's clock decides, so every process saves the same step)."""
+
+  def __init__(self, minutes: float):
+    self.seconds = minutes * 60
+    self.last = time.monotonic()
+
+  def due(self) -> bool:
+    if not self.seconds:
+      return False
+    due = time.monotonic() - self.last >= self.seconds
+    if jax.process_count() > 1:
+      due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
+    return due
+
+  def saved(self):
+    self.last = time.monotonic()
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -67,14 +154,15 @@ class EarlyStopping:
 
 def _start_state(stage: workdir_lib.Stage, programs: steps_lib.Programs, checkpoints, train_iter):
   """(state, step): resumed from this run's latest checkpoint, else fresh (from its init)."""
-  start = checkpoints.latest_step()
-  if start is not None:
-    if not checkpoints.has_data_state(start):
-      print(f"Checkpoint {start} has no data position for {jax.process_count()} process(es) "
+  latest = checkpoints.latest_step()
+  if latest is not None:
+    if not checkpoints.has_data_state(latest):
+      print(f"Checkpoint {latest} has no data position for {jax.process_count()} process(es) "
             "(saved with another process count): resuming the model, with the data order "
             "restarted from the seed.")
       train_iter = None
-    return checkpoints.restore(start, programs.abstract_state(), train_iter), start
+    # The newest checkpoint that restores; damaged newer ones are reported and set aside.
+    return checkpoints.restore_latest(programs.abstract_state(), train_iter)
   state = programs.init(jax.random.key(stage.config.train.seed))
   if stage.init:
     # Parameters from the earlier stage; optimizer state and step start fresh.
@@ -93,17 +181,37 @@ def train(stage: workdir_lib.Stage, *, mesh=None, progress: bool = True) -> Trai
   there is one."""
   started = time.perf_counter()
   config, workdir = stage.config, stage.workdir
-  mesh = mesh or sharding.make_mesh(config.mesh.sizes)
+  mesh = mesh or sharding.make_mesh(config.mesh.sizes)  # Checks the mesh against the devices.
   steps_lib.validate(config, mesh)
-  t = config.train
-  checkpoint_dir = workdir_lib.checkpoint_dir(workdir)
-  tokenizer = workdir_lib.prepare(stage, lambda: datasets.tokenizer_texts(config))
-  primary = jax.process_index() == 0
+  lock = workdir_lib.Lock(workdir)
+  lock.acquire()  # Before any work: a workdir in use is refused at once.
+  try:
+    return _train(stage, mesh, progress, lock, started)
+  finally:
+    lock.release()
+
+
+def _datasets(config, tokenizer):
+  """(train dataset, eval batches, notes): reading them is the last check before writing."""
   train_ds, notes = datasets.train_dataset(
-      config, tokenizer, batch_size=t.batch_size // jax.process_count(),
+      config, tokenizer, batch_size=config.train.batch_size // jax.process_count(),
       shard_index=jax.process_index(), shard_count=jax.process_count())
   eval_batches, eval_notes = datasets.eval_batches(config, tokenizer)
-  for note in notes + eval_notes if primary and progress else ():
+  return train_ds, eval_batches, notes + eval_notes
+
+
+def _train(stage, mesh, progress, lock, started) -> TrainResult:
+  config, workdir, t = stage.config, stage.workdir, stage.config.train
+  checkpoint_dir = workdir_lib.checkpoint_dir(workdir)
+  read = {}
+  # Every dataset is read before the workdir is written (on process 0, in `prepare`), so a
+  # missing split or an unusable file leaves the workdir as it was.
+  tokenizer = workdir_lib.prepare(stage, lambda: datasets.tokenizer_texts(config),
+                                  before_writing=lambda tok: read.update(d=_datasets(config, tok)))
+  lock.acquire()  # The workdir exists now.
+  primary = jax.process_index() == 0
+  train_ds, eval_batches, notes = read.get("d") or _datasets(config, tokenizer)
+  for note in notes if primary and progress else ():
     print(note)
 
   programs = steps_lib.compile_programs(config, mesh)
@@ -121,12 +229,15 @@ def train(stage: workdir_lib.Stage, *, mesh=None, progress: bool = True) -> Trai
   window_time, timed_steps = time.perf_counter(), 0
   last_train, last_eval = {}, None
   last_saved = f"step {start}" if start else "none yet"
+  step, signals, timed = start, StopSignals(), TimedSaves(t.save_every_minutes)
   try:
+    signals.__enter__()
     for step in range(start + 1, t.steps + 1):
       if stopper.should_stop:
         break
       batch = sharding.global_batch(next(train_iter), programs.batch_sharding)
       state, metrics = programs.train_step(state, batch)
+      stop = signals.should_stop(step)
       window.append(metrics)  # Device arrays: no host sync until the window is logged.
       timed_steps += 1
       if step == start + 1 and step % t.log_every:
@@ -134,7 +245,8 @@ def train(stage: workdir_lib.Stage, *, mesh=None, progress: bool = True) -> Trai
         jax.block_until_ready(metrics)
         window_time, timed_steps = time.perf_counter(), 0
       is_last = step == t.steps
-      must_save = is_last or step % t.checkpoint_every == 0
+      must_save = (is_last or stop or step % t.checkpoint_every == 0
+                   or (step % t.log_every == 0 and timed.due()))
       must_eval = bool(eval_batches) and (is_last or (t.eval_every and step % t.eval_every == 0))
       # Metrics are checked before any eval or save, so a bad state is never saved.
       if must_save or must_eval or step % t.log_every == 0:
@@ -164,6 +276,9 @@ def train(stage: workdir_lib.Stage, *, mesh=None, progress: bool = True) -> Trai
       if must_save:
         checkpoints.save(step, state, train_iter, eval_loss=eval_loss)
         last_saved = f"step {step}"
+        timed.saved()
+      if stop:
+        break
     checkpoints.wait()
   except NonFiniteLossError as e:
     checkpoints.wait()
@@ -175,6 +290,12 @@ def train(stage: workdir_lib.Stage, *, mesh=None, progress: bool = True) -> Trai
     bar.close()
     writer.close()
     best = checkpoints.best_step()
-    checkpoints.close()
+    checkpoints.close()  # Waits for a save in flight: a signal never leaves half a checkpoint.
+    signals.__exit__()
+  if signals.signum is not None:
+    raise Interrupted(
+        f"{signal.Signals(signals.signum).name} stopped {config.stage} after step {step}; its "
+        f"checkpoint in {checkpoints.directory} is complete. Rerun the same command to resume "
+        f"from step {step}.", signals.signum)
   return TrainResult(state=state, last_train=last_train, last_eval=last_eval, best_step=best,
                      stopped_early=stopper.should_stop, seconds=time.perf_counter() - started)

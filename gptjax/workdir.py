@@ -15,6 +15,8 @@ the other processes wait at a barrier and read them.
 """
 
 import dataclasses
+import fcntl
+import json
 import os
 import shutil
 
@@ -45,8 +47,12 @@ def read_config(workdir: str) -> config_lib.StageConfig:
   if not os.path.exists(path):
     raise UserError(f"{workdir} is not a gptjax workdir (no config.json); pass the --workdir "
                     "of a `gptjax train` run.")
-  with open(path) as f:
-    return config_lib.from_json(f.read())
+  try:
+    with open(path) as f:
+      return config_lib.from_json(f.read())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise UserError(f"{path} is damaged ({_first_line(e)}); restore it from a copy (or rewrite "
+                    "it from the experiment file with a `gptjax train` rerun).") from None
 
 
 def atomic_write(path: str, data: str | bytes):
@@ -61,7 +67,22 @@ def load_tokenizer(workdir: str) -> tokenizer_lib.Tokenizer:
   path = tokenizer_path(workdir)
   if not os.path.exists(path):
     raise UserError(f"{workdir} has no tokenizer.model; pass the --workdir of a trained run.")
-  return tokenizer_lib.Tokenizer.load(path)
+  return load_tokenizer_file(path)
+
+
+def load_tokenizer_file(path: str) -> tokenizer_lib.Tokenizer:
+  """The tokenizer at `path`; a file SentencePiece cannot read is a UserError naming it."""
+  try:
+    return tokenizer_lib.Tokenizer.load(path)
+  except UserError:
+    raise
+  except Exception as e:  # noqa: BLE001  SentencePiece and tokenizers raise plain errors.
+    raise UserError(f"{path} is not a readable tokenizer ({_first_line(e)}); "
+                    "restore it from a copy, or use a new --workdir.") from None
+
+
+def _first_line(error: BaseException) -> str:
+  return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +103,10 @@ class Stage:
   resuming: bool  # The workdir holds a checkpoint of this run: training continues from it.
 
 
+# The `stage` that `import-hf` records in the config.json of the workdirs it writes.
+IMPORTED_STAGE = "import"
+
+
 def resolve(config: config_lib.StageConfig, workdir: str, *,
             tokenizer_from: str | None = None) -> Stage:
   """Checks `config` against `workdir` and its init source, writing nothing (see module doc).
@@ -93,7 +118,12 @@ def resolve(config: config_lib.StageConfig, workdir: str, *,
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"--workdir {workdir} is a file, not a directory; pass a new or existing "
                     "run directory.")
+  _check_data_files(config.data)
   recorded = read_config(workdir) if os.path.exists(config_path(workdir)) else None
+  if recorded is not None and recorded.stage == IMPORTED_STAGE:
+    # An import holds parameters only (no optimizer state or data position) to start from.
+    raise UserError(f"Workdir {workdir} holds an imported model, not a run to resume; train a "
+                    f"stage from it in a new --workdir with --config.init_from={workdir}.")
   if recorded is not None:
     diffs = config_lib.model_shape_diff(recorded, config)
     if diffs:
@@ -120,9 +150,25 @@ def resolve(config: config_lib.StageConfig, workdir: str, *,
     raise UserError(f"{workdir} has checkpoints but no tokenizer.model; restore the file or "
                     "use a new --workdir.")
   if source_tokenizer:
-    _check_vocab(tokenizer_lib.Tokenizer.load(source_tokenizer), config, source_tokenizer)
+    _check_vocab(load_tokenizer_file(source_tokenizer), config, source_tokenizer)
+  elif config.model.vocab_size < tokenizer_lib.MIN_VOCAB_SIZE:  # A tokenizer will be trained.
+    raise UserError(f"model.vocab_size={config.model.vocab_size} is too small to train a "
+                    f"tokenizer: expected at least {tokenizer_lib.MIN_VOCAB_SIZE} (reserved and "
+                    "byte pieces) plus room for the text's characters; raise "
+                    "--config.model.vocab_size.")
   return Stage(config=config, workdir=workdir, init=init, tokenizer_from=source_tokenizer,
                resuming=resuming)
+
+
+def _check_data_files(d: config_lib.DataConfig):
+  """JSONL files the stage reads exist (their records are checked when they are read)."""
+  if d.kind != "dialogue":
+    return
+  for key in ("train_files", "eval_files"):
+    for path in filter(None, (p.strip() for p in getattr(d, key).split(","))):
+      if not os.path.isfile(path):
+        raise UserError(f"data.{key}: {path} does not exist; pass JSONL files with one "
+                        '{"messages": [...]} object a line.')
 
 
 def _read(path: str) -> bytes:
@@ -158,27 +204,65 @@ def _check_vocab(tokenizer: tokenizer_lib.Tokenizer, config: config_lib.StageCon
                     "--config.model.vocab_size.")
 
 
-def prepare(stage: Stage, training_texts=None) -> tokenizer_lib.Tokenizer:
+def prepare(stage: Stage, training_texts=None, before_writing=None) -> tokenizer_lib.Tokenizer:
   """Writes the stage's tokenizer and config.json (process 0) and returns the tokenizer.
 
   `training_texts` is called for the texts only when there is no tokenizer to use.
+  `before_writing(tokenizer)` runs on process 0 before anything is written: the checks that
+  need the tokenizer (reading the datasets) refuse a run there and leave the workdir as found.
   """
   own = tokenizer_path(stage.workdir)
   if jax.process_index() == 0:
-    # Trained before anything is created: a dataset that cannot be read leaves no workdir.
-    trained = new_tokenizer(stage.config, training_texts()) if not stage.tokenizer_from else None
+    if stage.tokenizer_from:
+      tokenizer = load_tokenizer_file(stage.tokenizer_from)
+    else:
+      tokenizer = new_tokenizer(stage.config, training_texts())
+    _check_vocab(tokenizer, stage.config, stage.tokenizer_from or own)
+    if before_writing:
+      before_writing(tokenizer)
     os.makedirs(stage.workdir, exist_ok=True)
-    if trained:
-      trained.save(own)
+    if not stage.tokenizer_from:
+      tokenizer.save(own)
     elif os.path.abspath(stage.tokenizer_from) != own:
       tmp = own + ".tmp"
       shutil.copyfile(stage.tokenizer_from, tmp)
       os.replace(tmp, own)
     atomic_write(config_path(stage.workdir), config_lib.to_json(stage.config))
   sharding.barrier(f"prepare {stage.workdir}")
-  tokenizer = tokenizer_lib.Tokenizer.load(own)
-  _check_vocab(tokenizer, stage.config, own)
+  if jax.process_index() != 0:
+    tokenizer = load_tokenizer_file(own)
   return tokenizer
+
+
+class Lock:
+  """One live run a workdir: an exclusive `flock` on the directory itself, held by process 0.
+
+  The kernel drops the lock when its process exits, however it dies (kill -9 included), so a
+  crashed run never leaves a workdir locked, and no lock file is written.
+  """
+
+  def __init__(self, workdir: str):
+    self.workdir, self._fd = workdir, None
+
+  def acquire(self):
+    """Takes the lock if the workdir exists (call again once it is created); raises
+    UserError if another live process holds it."""
+    if self._fd is not None or jax.process_index() != 0 or not os.path.isdir(self.workdir):
+      return
+    fd = os.open(self.workdir, os.O_RDONLY)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(fd)
+      raise UserError(f"{self.workdir} is in use: another live gptjax process is training in "
+                      "it; wait for that run to finish (or stop it) or use another "
+                      "--workdir.") from None
+    self._fd = fd
+
+  def release(self):
+    if self._fd is not None:
+      os.close(self._fd)  # Closing the descriptor releases the flock.
+      self._fd = None
 
 
 def new_tokenizer(config: config_lib.StageConfig, texts) -> tokenizer_lib.Tokenizer:

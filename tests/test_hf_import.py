@@ -216,6 +216,15 @@ def test_import_command_writes_a_workdir_and_says_so(tmp_path):
   assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0, bad.stderr
 
 
+def test_training_on_the_imported_workdir_itself_is_refused_and_writes_nothing(imported):
+  workdir = imported["gpt2"]
+  before = sorted(os.listdir(workdir))
+  config = workdir_lib.read_config(workdir).replace(stage="dialogue")
+  with pytest.raises(ValueError, match="holds an imported model.*--config.init_from="):
+    workdir_lib.resolve(config, workdir)
+  assert sorted(os.listdir(workdir)) == before
+
+
 @pytest.mark.slow
 def test_dialogue_stage_from_an_imported_model_trains_and_chats(imported, tmp_path):
   import runpy

@@ -88,7 +88,7 @@ def load_tokenizer(model_dir: str, hf_config: dict, rows: int):
 def stage_config(model: dict, dtype: str) -> config_lib.StageConfig:
   """The workdir's config: base defaults with the imported model's keys."""
   return config_lib.stage_config({
-      "stage": "import",
+      "stage": workdir_lib.IMPORTED_STAGE,
       "model": {**model, "param_dtype": dtype, "dtype": dtype},
       "data": {"seq_len": min(256, model["max_len"])},
   })
