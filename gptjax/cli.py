@@ -6,6 +6,11 @@
            Runs the stages a pipeline config lists, each in DIR/<stage>/; rerun to continue.
   eval     --workdir DIR [--split NAME|FILE.jsonl] [--step N|best] [--json]
            Loss, perplexity and assistant_loss of a checkpoint on a split.
+           With --generate [--num_conversations N] [sampling flags]: replies generated at
+           every assistant turn of held-out conversations, scored against the references.
+  report   --workdir DIR [--compare RUN --compare RUN ...]
+           Writes DIR/report.md: stages, lineage, tokenizer, losses, dialogue metrics, host;
+           with --compare, DIR/comparison.md: the runs' dialogue stages, averaged over seeds.
   prepare  --dataset NAME [--data_dir DIR]
            Downloads and prepares a tfds catalog dataset as array_record (needs tensorflow-cpu).
   sample   --workdir DIR --prompt TEXT [--prompt TEXT ...|--prompt_file FILE] [--json]
@@ -69,6 +74,13 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "slice workers, SLURM, Open MPI).")
 _SPLIT = flags.DEFINE_string("split", None, "eval: split name (or JSONL file) to evaluate on.")
 _STEP = flags.DEFINE_string("step", None, "Checkpoint to load: a step number, `best` or `latest`.")
+_GENERATE = flags.DEFINE_bool(
+    "generate", False, "eval: generate replies to held-out conversations and score them.")
+_NUM_CONVERSATIONS = flags.DEFINE_integer(
+    "num_conversations", None, "eval --generate: held-out conversations to reply to (0: all; "
+    "default 50).")
+_COMPARE = flags.DEFINE_multi_string(
+    "compare", None, "report: a run to compare (repeat); writes DIR/comparison.md instead.")
 _JSON = flags.DEFINE_bool("json", False, "Print machine-readable JSON instead of text.")
 _DATASET = flags.DEFINE_string("dataset", None, "prepare: tfds catalog name, e.g. tiny_shakespeare.")
 _DATA_DIR = flags.DEFINE_string(
@@ -195,6 +207,22 @@ def cmd_pipeline():
   if not results:
     _say(f"Every stage in {workdir} had already finished.")
   pipeline.print_samples(config, workdir, print_fn=_say)
+  _pipeline_report(config, workdir)
+
+
+def _pipeline_report(config, workdir: str):
+  """After a pipeline: its last (dialogue) stage's replies scored, and the report card."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from gptjax import datasets, reply_eval, report  # pylint: disable=g-import-not-at-top
+
+  last, stage = config.stages[-1]
+  if stage.data.kind == "dialogue" and datasets.has_eval(stage.data):
+    summary = reply_eval.evaluate_replies(os.path.join(workdir, last), step="best")
+    _say(f"Replies to {summary['turns']} held-out turns: BLEU {summary['bleu']:.2f}, chrF "
+         f"{summary['chrf']:.2f}, ROUGE-L {summary['rouge_l']:.2f} (in {summary['file']}).")
+  if jax.process_index() == 0:
+    _say(f"Report card: {report.write(workdir)}")
 
 
 def cmd_eval():
@@ -202,12 +230,50 @@ def cmd_eval():
   from gptjax import evaluate
 
   workdir = _require(_WORKDIR, "workdir", "eval")
-  metrics = evaluate.eval_workdir(workdir, split=_SPLIT.value, step=_step())
+  for name in ("num_conversations", *SAMPLING_FLAGS):
+    if flags.FLAGS[name].present and not _GENERATE.value:
+      raise UserError(f"`eval` does not take --{name} without --generate; add --generate to "
+                      "score generated replies, or drop it.")
+  if _GENERATE.value:
+    metrics = _eval_replies(workdir)
+  else:
+    metrics = evaluate.eval_workdir(workdir, split=_SPLIT.value, step=_step())
   if _JSON.value:
     print(json.dumps(metrics))
   else:
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                    for k, v in metrics.items()))
+
+
+def _eval_replies(workdir: str) -> dict:
+  """`eval --generate`: the sampling flags given override reply_eval's greedy defaults."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  from gptjax import reply_eval  # pylint: disable=g-import-not-at-top
+
+  given = {name: flags.FLAGS[name].value for name in SAMPLING_FLAGS if flags.FLAGS[name].present}
+  sampling = dataclasses.replace(reply_eval.DEFAULT_SAMPLING, **given)
+  count = _NUM_CONVERSATIONS.value
+  if count is not None and count < 0:
+    raise UserError(f"--num_conversations={count} is negative; pass 0 (all) or a count.")
+  summary = reply_eval.evaluate_replies(
+      workdir, split=_SPLIT.value, step=_step(), sampling=sampling,
+      num_conversations=reply_eval.DEFAULT_CONVERSATIONS if count is None else count)
+  if not _JSON.value:
+    print(f"Replies to {summary['turns']} turns of {summary['conversations']} conversations "
+          f"in {summary.pop('file')}; sampling: {summary.pop('sampling')}")
+  return summary
+
+
+def cmd_report():
+  """Writes the report card of --workdir."""
+  from gptjax import report
+
+  workdir = _require(_WORKDIR, "workdir", "report")
+  if _COMPARE.value:
+    print(f"Wrote {report.write_comparison(workdir, _COMPARE.value)}")
+  else:
+    print(f"Wrote {report.write(workdir)}")
 
 
 def cmd_prepare():
@@ -383,8 +449,10 @@ PROCESS_FLAGS = ("coordinator_address", "num_processes", "process_id", "distribu
 COMMANDS = {
     "train": (cmd_train, ("config", "workdir")),
     "pipeline": (cmd_pipeline, ("config", "workdir")),
-    "eval": (cmd_eval, ("workdir", "split", "step", "json")),
+    "eval": (cmd_eval, ("workdir", "split", "step", "json", "generate", "num_conversations",
+                        *SAMPLING_FLAGS)),
     "prepare": (cmd_prepare, ("dataset", "data_dir")),
+    "report": (cmd_report, ("workdir", "compare")),
     "sample": (cmd_sample, ("workdir", "step", "prompt", "prompt_file", "json", "num_samples",
                             *SAMPLING_FLAGS)),
     "chat": (cmd_chat, ("workdir", "step", "system", "message", "json", *SAMPLING_FLAGS)),

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from gptjax import checkpoint as ckpt_lib
 from gptjax import config as config_lib
 from gptjax import datasets
+from gptjax import dialogue_loss
 from gptjax import sharding
 from gptjax import steps as steps_lib
 from gptjax import workdir as workdir_lib
@@ -21,7 +22,8 @@ def evaluate(programs, params, batches: list[dict]) -> dict:
 
   Returns `loss` (the weighted objective), `perplexity`, `tokens` (target tokens that are
   not padding), `weight_sum` (their summed loss weights, the loss's denominator) and, for
-  dialogue batches, `assistant_loss` and `assistant_tokens`.
+  dialogue batches, `assistant_loss` and `assistant_tokens`, and when they carry `role` and
+  `turn` rows, the loss by dialogue structure (gptjax/dialogue_loss.py).
   """
   sums = None
   for batch in batches:
@@ -40,7 +42,7 @@ def evaluate(programs, params, batches: list[dict]) -> dict:
   if "assistant_sum" in sums:
     metrics["assistant_loss"] = sums["assistant_sum"] / max(sums["assistant_count"], 1.0)
     metrics["assistant_tokens"] = sums["assistant_count"]
-  return metrics
+  return metrics | dialogue_loss.structure_metrics(sums)
 
 
 def eval_workdir(workdir: str, *, split: str | None = None, step: str | None = None,
@@ -51,7 +53,7 @@ def eval_workdir(workdir: str, *, split: str | None = None, step: str | None = N
   """
   config = workdir_lib.read_config(workdir)
   if split:
-    config = config.replace(data=_eval_split(config.data, split))
+    config = config.replace(data=with_eval_split(config.data, split))
   mesh = mesh or sharding.make_mesh(config.mesh.sizes)
   checkpoints = ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True)
   step_number = checkpoints.resolve(step)
@@ -61,11 +63,11 @@ def eval_workdir(workdir: str, *, split: str | None = None, step: str | None = N
     raise UserError(f"{workdir} has no eval set configured; pass --split NAME.")
   programs = steps_lib.compile_programs(config, mesh)
   params = checkpoints.restore_params(step_number, programs.abstract_state().params)
-  return {"step": step_number, "split": split or _eval_name(config.data),
+  return {"step": step_number, "split": split or eval_name(config.data),
           **evaluate(programs, params, batches)}
 
 
-def _eval_split(d: config_lib.DataConfig, split: str) -> config_lib.DataConfig:
+def with_eval_split(d: config_lib.DataConfig, split: str) -> config_lib.DataConfig:
   """`d` evaluating on `split`: a split name or a JSONL file."""
   if split.endswith(".jsonl"):
     # train_files selects the file-based source for both sides.
@@ -75,5 +77,6 @@ def _eval_split(d: config_lib.DataConfig, split: str) -> config_lib.DataConfig:
       e.split(":")[0] for e in d.dataset.split(",")))
 
 
-def _eval_name(d: config_lib.DataConfig) -> str:
+def eval_name(d: config_lib.DataConfig) -> str:
+  """The name of what `d` evaluates on: its JSONL files or its eval split."""
   return d.eval_files if d.kind == "dialogue" and d.train_files else d.eval_split

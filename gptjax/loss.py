@@ -9,6 +9,8 @@ weights.
 import jax
 import jax.numpy as jnp
 
+from gptjax import dialogue_loss
+
 
 def token_nll(logits_BLV, targets_BL):
   """Negative log-likelihood of each target token: [B, L] float32."""
@@ -34,6 +36,8 @@ def loss_sums(logits_BLV, batch) -> dict:
     assistant_BL = batch["assistant"].astype(jnp.float32)
     sums["assistant_sum"] = (nll_BL * assistant_BL).sum()
     sums["assistant_count"] = assistant_BL.sum()
+  if "role" in batch:  # Loss by dialogue structure (gptjax/dialogue_loss.py).
+    sums.update(dialogue_loss.structure_sums(nll_BL, batch["role"], batch["turn"]))
   return sums
 
 

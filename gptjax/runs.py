@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from gptjax import dialogue_loss
 from gptjax import metrics as metrics_lib
 from gptjax.errors import UserError
 
@@ -42,7 +43,7 @@ def paths_from_env(default: list[str], variable: str = "GPTJAX_RUNS") -> list[st
   return [p for p in value.split(os.pathsep) if p] or list(default)
 
 
-def _stage_dirs(path: str) -> list[str]:
+def stage_dirs(path: str) -> list[str]:
   """The stage workdirs of `path` in training order; raises ValueError saying why none."""
   if not os.path.isdir(path):
     raise UserError("no such directory")
@@ -66,12 +67,12 @@ def _stage_dirs(path: str) -> list[str]:
   return sorted(stages, key=order)
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict, prefix: str = "") -> dict:
   """{"a": {"b": 1}} -> {"a.b": 1}; lists become JSON text so values stay comparable."""
   flat = {}
   for key, value in tree.items():
     if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
+      flat.update(flatten(value, f"{prefix}{key}."))
     else:
       flat[prefix + key] = json.dumps(value) if isinstance(value, list) else value
   return flat
@@ -80,7 +81,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def _read_stage(stage_dir: str, offset: int) -> tuple[pd.DataFrame, dict]:
   """The rows and flat config of one stage workdir, its tokens starting at `offset`."""
   with open(os.path.join(stage_dir, "config.json")) as f:
-    config = _flatten(json.load(f))
+    config = flatten(json.load(f))
   config["pretrained"] = bool(config.get("init_from"))
   rows = pd.DataFrame(metrics_lib.read_rows(os.path.join(stage_dir, "metrics.jsonl")))
   if rows.empty:
@@ -94,7 +95,7 @@ def _read_stage(stage_dir: str, offset: int) -> tuple[pd.DataFrame, dict]:
 def _read_run(path: str) -> tuple[pd.DataFrame, dict]:
   """A run's rows and {stage: flat config}; raises ValueError saying why it cannot."""
   frames, configs, offset = [], {}, 0
-  for stage_dir in _stage_dirs(path):
+  for stage_dir in stage_dirs(path):
     try:
       rows, config = _read_stage(stage_dir, offset)
     except (OSError, json.JSONDecodeError, KeyError) as e:
@@ -270,6 +271,40 @@ def plot_optimizer(df: pd.DataFrame) -> plt.Figure:
   axes[2].set(title="throughput", xlabel="seconds since the run's first row",
               ylabel="tokens/s")
   axes[2].legend(fontsize=8)
+  fig.tight_layout()
+  return fig
+
+
+def structure(df: pd.DataFrame) -> pd.DataFrame:
+  """The loss by dialogue structure (gptjax/dialogue_loss.py) of each run's stages' last
+  evaluation that has it: one row a (run, stage), a column a `loss_role_*`/`loss_turn_*`
+  metric and its `tokens_*` count."""
+  losses = [c for c in dialogue_loss.metric_names() if c in df.columns]
+  if not losses:
+    return pd.DataFrame()
+  rows = df[(df["split"] == "eval") & df[losses].notna().any(axis=1)]
+  counts = [c.replace("loss_", "tokens_", 1) for c in losses]
+  return rows.groupby(["run", "stage"], sort=False)[
+      ["step", *losses, *[c for c in counts if c in df.columns]]].last()
+
+
+def plot_structure(df: pd.DataFrame) -> plt.Figure:
+  """Reply loss by the reply's index in its conversation, and loss by role, a line a run and
+  stage, from their last evaluation (see `structure`)."""
+  table = structure(df)
+  if table.empty:
+    raise UserError("No run has an evaluation with loss by dialogue structure (loss_turn_* "
+                    "columns); evaluate a dialogue stage whose batches carry role and turn rows.")
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for panel, prefix, title in ((0, "loss_turn_", "reply loss by reply index"),
+                               (1, "loss_role_", "loss by role")):
+    columns = [c for c in table.columns if c.startswith(prefix)]
+    labels = [c[len(prefix):].replace("plus", "+") for c in columns]
+    for (run, stage), row in table.iterrows():
+      axes[panel].plot(labels, row[columns].to_numpy(float), "o-", label=f"{run} {stage}")
+    axes[panel].set(title=title, ylabel="loss (nats a token)",
+                    xlabel="reply in the conversation" if panel == 0 else "role")
+  axes[0].legend(fontsize=8)
   fig.tight_layout()
   return fig
 
