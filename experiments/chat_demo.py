@@ -3,20 +3,13 @@ then the dialogue stage on schema_guided_dialogue. About 15 minutes on a 2-core 
   python -m gptjax pipeline --config experiments/chat_demo.py --workdir runs/chat_demo
 """
 
-import os
-import runpy
-
 import ml_collections
 
-
-def _experiment(name: str) -> ml_collections.ConfigDict:
-  """get_config() of a sibling experiment file (works wherever gptjax is launched from)."""
-  here = os.path.dirname(os.path.abspath(__file__))
-  return runpy.run_path(os.path.join(here, name + ".py"))["get_config"]()
+from gptjax import config as config_lib
 
 
 def get_config():
-  pretrain = _experiment("shakespeare_pretrain")
+  pretrain = config_lib.sibling(__file__, "shakespeare_pretrain")
   # Dialogue transcripts in pretraining teach the model the domain's words; their own dev
   # split keeps them out of the dialogue stage's held-out conversations.
   pretrain.data.dataset = "tiny_shakespeare,schema_guided_dialogue:train:dev"
@@ -26,7 +19,7 @@ def get_config():
   pretrain.train.checkpoint_every = 100
   pretrain.data.eval_batches = 8
 
-  dialogue = _experiment("sgd_dialogue")
+  dialogue = config_lib.sibling(__file__, "sgd_dialogue")
   dialogue.train.steps = 400
 
   c = ml_collections.ConfigDict()

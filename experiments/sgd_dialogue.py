@@ -5,13 +5,11 @@ Its model is experiments/shakespeare_pretrain.py's, so it starts from that run:
       --config.init_from=runs/shakespeare
 """
 
-import os
-import runpy
+from gptjax import config as config_lib
 
 
 def get_config():
-  here = os.path.dirname(os.path.abspath(__file__))
-  c = runpy.run_path(os.path.join(here, "shakespeare_pretrain.py"))["get_config"]()
+  c = config_lib.sibling(__file__, "shakespeare_pretrain")
   c.stage = "dialogue"
   c.data.kind = "dialogue"
   c.data.dataset = "schema_guided_dialogue"
@@ -19,6 +17,10 @@ def get_config():
   c.data.eval_split = "dev"
   c.data.eval_batches = 8
   c.dialogue.history_weight = 1.0
+  # At seq_len 256, "recent" cuts 77% of the train conversations and drops 36% of the reply
+  # tokens; windows train every reply (23,297 windows from 12,174 conversations, packed whole
+  # at about 92% of the row capacity).
+  c.dialogue.long_conversations = "windows"
   c.train.steps = 400
   c.train.learning_rate = 1e-3
   c.train.warmup_steps = 20

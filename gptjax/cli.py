@@ -27,9 +27,15 @@
   bench    decode (--workdir DIR | --config experiments/NAME.py) [--step N|best]
            [--batch_sizes 1,8,64]
            Prefill and decode tokens/s at each batch size against the machine's limits, as JSON.
+  bench    serve --workdir DIR [--clients 1,8,32] [--requests N] [--step N|best]
+           Serving throughput and latency with concurrent streaming clients on the loopback,
+           next to sequential chat-style decoding, as JSON.
   bench    train --config experiments/NAME.py [--steps N] [--torch auto|on|off]
            Train step tokens/s, compile time and MFU (on the CPU, next to the PyTorch
            reference step's tokens/s), as JSON.
+  serve    --workdir DIR [--step N|best] [--host 127.0.0.1] [--port 8000] [--max_batch 16]
+           [--api_key KEY]
+           An OpenAI-compatible HTTP API with continuous batching, and a chat page at /.
   merge    --workdir LORA_DIR --out DIR [--step N|best] [--json]
            Folds a LoRA run's adapters into its base; writes a plain workdir.
   classify --workdir DIR --text TEXT [--text ...|--file F] [--step N|best] [--json]
@@ -113,6 +119,14 @@ _BENCH_STEPS = flags.DEFINE_integer("steps", 20, "bench train: timed steps after
 _TORCH = flags.DEFINE_enum(
     "torch", "auto", ["auto", "on", "off"], "bench train: also time the PyTorch reference step "
     "(gptjax/bench/torch_gpt.py); auto: when torch is installed and the run is on the CPU.")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "serve: address to listen on.")
+_PORT = flags.DEFINE_integer("port", 8000, "serve: TCP port to listen on.")
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "serve: decode slots (concurrent requests).")
+_API_KEY = flags.DEFINE_string(
+    "api_key", None, "serve: require `Authorization: Bearer KEY` on /v1/* and /metrics.")
+_CLIENTS = flags.DEFINE_string("clients", "1,8,32", "bench serve: concurrent clients to try.")
+_REQUESTS = flags.DEFINE_integer(
+    "requests", None, "bench serve: requests a client count (default: 2 per client, >= 16).")
 _BATCH_SIZES = flags.DEFINE_list(
     "batch_sizes", ["1", "8"], "bench decode: batch sizes to time, comma-separated.")
 
@@ -373,7 +387,18 @@ def cmd_bench(kind: str | None = None):
                     "sizes; expected positive integers, e.g. --batch_sizes=1,8,64.")
   print(json.dumps(bench.run(kind, workdir=_WORKDIR.value, config=config, step=_step(),
                              steps=_BENCH_STEPS.value, torch=_TORCH.value,
-                             batch_sizes=batch_sizes), indent=2))
+                             clients=_CLIENTS.value, requests=_REQUESTS.value,
+                             max_batch=_MAX_BATCH.value, batch_sizes=batch_sizes),
+                   indent=2))
+
+
+def cmd_serve():
+  """Serves a checkpoint of --workdir over HTTP until SIGTERM or SIGINT."""
+  from gptjax.serve import server
+
+  workdir = _require(_WORKDIR, "workdir", "serve")
+  server.serve(workdir, _step(), host=_HOST.value, port=_PORT.value,
+               max_batch=_MAX_BATCH.value, api_key=_API_KEY.value)
 
 
 def cmd_import_hf():
@@ -471,7 +496,9 @@ COMMANDS = {
     "sample": (cmd_sample, ("workdir", "step", "prompt", "prompt_file", "json", "num_samples",
                             *SAMPLING_FLAGS)),
     "chat": (cmd_chat, ("workdir", "step", "system", "message", "json", *SAMPLING_FLAGS)),
-    "bench": (cmd_bench, ("config", "workdir", "step", "steps", "torch", "batch_sizes")),
+    "bench": (cmd_bench, ("config", "workdir", "step", "steps", "torch", "batch_sizes",
+                          "clients", "requests", "max_batch")),
+    "serve": (cmd_serve, ("workdir", "step", "host", "port", "max_batch", "api_key")),
     "import-hf": (cmd_import_hf, ("model", "workdir", "dtype")),
     "export-hf": (cmd_export_hf, ("workdir", "step", "out", "dtype")),
     "merge": (cmd_merge, ("workdir", "out", "step", "json")),

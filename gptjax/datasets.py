@@ -7,13 +7,16 @@ Both go through the same grain pipeline (gptjax/data.py).
 """
 
 import functools
+import itertools
+from collections.abc import Iterator
 
+import grain
 import ml_collections
-import numpy as np
 
 from gptjax import classify
 from gptjax import data as data_lib
 from gptjax import dialogue
+from gptjax.errors import UserError
 from gptjax.tokenizer import Tokenizer
 
 KINDS = ("text", "dialogue")
@@ -37,18 +40,25 @@ def has_eval(d: ml_collections.ConfigDict) -> bool:
   return bool(d.eval_split)
 
 
-def text_documents(d: ml_collections.ConfigDict, which: str) -> list[str]:
-  """Pretraining documents of every dataset in `data.dataset`, for "train" or "eval"."""
-  documents = []
+def text_documents(d, which: str) -> data_lib.TextChunks:
+  """Pretraining documents of every dataset in `data.dataset`, for "train" or "eval": a lazy
+  sequence (records are read by index when a document is needed)."""
+  parts = []
   for name, split in _entries(d, which):
+    source = grain.MapDataset.source(data_lib.load_source(name, split, d.data_dir))
     if name in dialogue.TFDS_DIALOGUES:
-      conversations, _ = dialogue.read_tfds(name, split, d.data_dir)
-      documents += [dialogue.as_text(c) for c in conversations]
+      parts.append(source.map(functools.partial(_transcript, dialogue.TFDS_DIALOGUES[name])))
     else:
-      source = data_lib.load_source(name, split, d.data_dir)
-      documents += data_lib.text_documents(source, field=d.text_field,
-                                           chunk_chars=d.chunk_chars)
-  return documents
+      parts.append(source.map(functools.partial(data_lib.record_text, field=d.text_field)))
+  return data_lib.TextChunks(grain.MapDataset.concatenate(parts), d.chunk_chars)
+
+
+def _transcript(to_messages, record) -> str:
+  """A dialogue record as pretraining text; "" (no document) for a bad record."""
+  try:
+    return dialogue.as_text(dialogue.check_conversation(to_messages(record)))
+  except dialogue.BadConversation:
+    return ""
 
 
 def conversations(d: ml_collections.ConfigDict, which: str):
@@ -66,18 +76,20 @@ def conversations(d: ml_collections.ConfigDict, which: str):
   return out, reports
 
 
-def tokenizer_texts(config: ml_collections.ConfigDict) -> list[str]:
-  """Training texts for the tokenizer: the train split's documents, in a seeded order so a
-  `tokenizer.max_chars` cap samples every dataset."""
+def tokenizer_texts(config) -> Iterator[str]:
+  """Training texts for the tokenizer, lazily, in a seeded order of the train split's
+  documents, so the trainer's `tokenizer.max_chars` cap reads a bounded sample of every
+  dataset."""
   d = config.data
   if d.kind == "classify":
-    texts = classify.tokenizer_texts(config)
+    texts = grain.MapDataset.source(classify.tokenizer_texts(config))
   elif d.kind == "dialogue":
-    texts = [dialogue.as_text(c) for c in conversations(d, "train")[0]]
+    convs = conversations(d, "train")[0]
+    texts = grain.MapDataset.source(convs).map(dialogue.as_text)
   else:
-    texts = text_documents(d, "train")
-  order = np.random.default_rng(config.train.seed).permutation(len(texts))
-  return [texts[i] for i in order]
+    texts = grain.MapDataset.source(text_documents(d, "train"))
+  shuffled = texts.shuffle(seed=config.train.seed)  # An index permutation: nothing copied.
+  return (shuffled[i] for i in range(len(shuffled)))
 
 
 def _documents(config, tokenizer: Tokenizer, which: str):
@@ -87,12 +99,13 @@ def _documents(config, tokenizer: Tokenizer, which: str):
     return (text_documents(d, which), functools.partial(data_lib.tokenize_document,
                                                         tokenizer=tokenizer), (), [])
   convs, reports = conversations(d, which)
+  where = [w for report in reports for w in report.where]
   long = config.dialogue.long_conversations
   if long not in LONG_CONVERSATIONS:
-    raise ValueError(f"dialogue.long_conversations={long!r} is not one of "
-                     f"{LONG_CONVERSATIONS}; set --config.dialogue.long_conversations.")
+    raise UserError(f"dialogue.long_conversations={long!r} is not one of "
+                    f"{LONG_CONVERSATIONS}; set --config.dialogue.long_conversations.")
   rendered, cut = [], 0
-  for messages in convs:
+  for messages, source in zip(convs, where):
     if long == "windows":
       windows = dialogue.render_windows(messages, tokenizer, d.seq_len + 1,
                                         history_weight=config.dialogue.history_weight)
@@ -101,7 +114,14 @@ def _documents(config, tokenizer: Tokenizer, which: str):
       window, was_cut = dialogue.render_fitting(messages, tokenizer, d.seq_len + 1,
                                                 history_weight=config.dialogue.history_weight)
       windows = [window]
-    rendered += [dialogue.conversation_document(w) for w in windows]
+    for window in windows:
+      if len(window.tokens) > d.seq_len + 1:
+        raise UserError(
+            f"{source}: one exchange (a user turn and its reply) renders to "
+            f"{len(window.tokens)} tokens, more than a row of data.seq_len={d.seq_len} holds "
+            f"({d.seq_len + 1}); expected every exchange to fit, since a conversation is "
+            "never split across rows; raise data.seq_len or remove that conversation.")
+      rendered.append({**dialogue.conversation_document(window), "source": source})
     cut += was_cut
   notes = [r.summary() for r in reports]
   if cut:
@@ -110,24 +130,43 @@ def _documents(config, tokenizer: Tokenizer, which: str):
             "(dialogue.long_conversations=\"windows\" would train on all their replies)")
     notes.append(f"{cut} of {len(convs)} {which} conversations were longer than seq_len="
                  f"{d.seq_len} and {fate}.")
-  return rendered, (lambda doc: doc), ("assistant",), notes
+  return rendered, (lambda doc: doc), ("assistant", "role", "turn"), notes
 
 
-def train_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *, batch_size: int,
-                  shard_index: int = 0, shard_count: int = 1):
+# Train rows the packing-efficiency note measures (a fresh iterator's first ones).
+EFFICIENCY_ROWS = 512
+
+
+def _packing_note(which: str, kind: str, batches, rows: int) -> str:
+  how = ("conversations packed whole, best fit" if kind == "dialogue"
+         else "text concatenated and split")
+  return (f"Packing efficiency ({which}, {how}): {data_lib.packing_efficiency(batches):.1%} "
+          f"of row positions hold real tokens ({rows} rows measured).")
+
+
+def _make(config, items, to_document, extra, **kwargs):
+  return data_lib.make_dataset(items, to_document, seq_len=config.data.seq_len,
+                               seed=config.train.seed, extra_keys=extra,
+                               whole=config.data.kind == "dialogue", **kwargs)
+
+
+def train_dataset(config, tokenizer: Tokenizer, *, batch_size: int, shard_index: int = 0,
+                  shard_count: int = 1):
   """(endless train batches of this process's `batch_size` rows, notes for the console)."""
   if config.data.kind == "classify":
     return classify.train_dataset(config, tokenizer, batch_size=batch_size,
                                   shard_index=shard_index, shard_count=shard_count)
   _check_kind(config.data.kind)
   items, to_document, extra, notes = _documents(config, tokenizer, "train")
-  ds = data_lib.make_dataset(items, to_document, seq_len=config.data.seq_len,
-                             batch_size=batch_size, seed=config.train.seed,
-                             shard_index=shard_index, shard_count=shard_count, extra_keys=extra)
+  ds = _make(config, items, to_document, extra, batch_size=batch_size,
+             shard_index=shard_index, shard_count=shard_count)
+  count = -(-EFFICIENCY_ROWS // batch_size)
+  notes.append(_packing_note("train", config.data.kind, itertools.islice(ds, count),
+                             count * batch_size))
   return ds, notes
 
 
-def eval_batches(config: ml_collections.ConfigDict, tokenizer: Tokenizer):
+def eval_batches(config, tokenizer: Tokenizer):
   """(global eval batches, notes): every token of the eval set once, at most
   `data.eval_batches` batches (0: all)."""
   if config.data.kind == "classify":
@@ -140,13 +179,16 @@ def eval_batches(config: ml_collections.ConfigDict, tokenizer: Tokenizer):
   # of each global batch, so all processes run the same number of eval steps.
   # Shuffled once with a fixed seed: a capped eval (data.eval_batches) then samples every
   # dataset of a mixture rather than only the first one.
-  ds = data_lib.make_dataset(items, to_document, seq_len=config.data.seq_len,
-                             batch_size=config.train.batch_size, seed=config.train.seed,
-                             shuffle=True, num_epochs=1, extra_keys=extra)
+  ds = _make(config, items, to_document, extra, batch_size=config.train.batch_size,
+             shuffle=True, num_epochs=1)
   limit = config.data.eval_batches
-  return [batch for _, batch in zip(range(limit) if limit else iter(int, 1), ds)], notes
+  batches = [batch for _, batch in zip(range(limit) if limit else iter(int, 1), ds)]
+  if batches:
+    notes.append(_packing_note("eval", config.data.kind, batches,
+                               len(batches) * config.train.batch_size))
+  return batches, notes
 
 
 def _check_kind(kind: str):
   if kind not in KINDS:
-    raise ValueError(f"data.kind={kind!r} is not one of {KINDS}; set --config.data.kind.")
+    raise UserError(f"data.kind={kind!r} is not one of {KINDS}; set --config.data.kind.")

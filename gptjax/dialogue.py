@@ -21,12 +21,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from gptjax import data as data_lib
+from gptjax import dialogue_loss
+from gptjax.errors import UserError
 from gptjax.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 
 
-class BadConversation(ValueError):
+class BadConversation(UserError):
   """A conversation or record that cannot be used for training."""
 
 
@@ -64,6 +66,9 @@ class Rendered:
   tokens: np.ndarray
   weights: np.ndarray
   assistant: np.ndarray
+  # The conversation's number of this rendering's first reply: above 1 for a rendering that
+  # starts late, so per-reply metrics follow the conversation (gptjax/dialogue_loss.py).
+  first_reply: int = 1
 
 
 def _encode_turns(messages: Sequence[dict], tokenizer: Tokenizer) -> list[tuple[str, list[int]]]:
@@ -73,7 +78,8 @@ def _encode_turns(messages: Sequence[dict], tokenizer: Tokenizer) -> list[tuple[
 
 
 def _assemble(turns: Sequence[tuple[str, list[int]]], tokenizer: Tokenizer,
-              history_weight: float, add_generation_prompt: bool) -> Rendered:
+              history_weight: float, add_generation_prompt: bool,
+              dropped: Sequence[tuple[str, list[int]]] = ()) -> Rendered:
   """The template over already-encoded (role, content ids) turns."""
   tokens, assistant = [tokenizer.bos_id], [0.0]
   for role, content in turns:
@@ -85,7 +91,8 @@ def _assemble(turns: Sequence[tuple[str, list[int]]], tokenizer: Tokenizer,
   assistant.append(0.0)
   assistant_N = np.asarray(assistant, np.float32)
   weights_N = np.where(assistant_N > 0, 1.0, history_weight).astype(np.float32)
-  return Rendered(np.asarray(tokens, np.int32), weights_N, assistant_N)
+  first_reply = 1 + sum(role == "assistant" for role, _ in dropped)
+  return Rendered(np.asarray(tokens, np.int32), weights_N, assistant_N, first_reply)
 
 
 def render(messages: Sequence[dict], tokenizer: Tokenizer, *, history_weight: float = 1.0,
@@ -113,7 +120,7 @@ def _split_system(turns):
 def _fitting_start(head, body, max_tokens: int) -> int:
   """Index of the first of `body`'s turns that a rendering of at most `max_tokens` keeps:
   0 if all fit, else the earliest user turn (followed by a reply) from which the rest fit,
-  else the last such user turn (that exchange alone is too long; packing splits it)."""
+  else the last such user turn (that exchange alone is too long: the caller's error)."""
   # Template cost of a turn: role marker + content + <|end|>; plus bos and eos overall.
   sizes = [len(content) + 2 for _, content in body]
   budget = max_tokens - 2 - sum(len(c) + 2 for _, c in head)
@@ -131,11 +138,13 @@ def render_fitting(messages: Sequence[dict], tokenizer: Tokenizer, max_tokens: i
 
   Keeps a leading system message and the most recent turns from a user turn onwards (so
   every kept reply has the context before it). Returns (rendering, whether it was cut). If
-  even the last exchange is too long it is returned whole, and packing splits it.
+  even the last exchange is too long it is returned whole: longer than `max_tokens`, which
+  the dialogue stage reports as an error naming the conversation (packing never splits one).
   """
   head, body = _split_system(_encode_turns(messages, tokenizer))
   start = _fitting_start(head, body, max_tokens)
-  return _assemble(head + body[start:], tokenizer, history_weight, False), start > 0
+  return (_assemble(head + body[start:], tokenizer, history_weight, False, body[:start]),
+          start > 0)
 
 
 def render_windows(messages: Sequence[dict], tokenizer: Tokenizer, max_tokens: int, *,
@@ -152,7 +161,7 @@ def render_windows(messages: Sequence[dict], tokenizer: Tokenizer, max_tokens: i
   windows = []
   while not windows or any(role == "assistant" for role, _ in body):
     start = _fitting_start(head, body, max_tokens)
-    window = _assemble(head + body[start:], tokenizer, history_weight, False)
+    window = _assemble(head + body[start:], tokenizer, history_weight, False, body[:start])
     if windows:
       window.weights[-1] = 0.0
     windows.append(window)
@@ -161,9 +170,11 @@ def render_windows(messages: Sequence[dict], tokenizer: Tokenizer, max_tokens: i
 
 
 def conversation_document(rendered: Rendered) -> dict[str, np.ndarray]:
-  """The packer's document for a rendered conversation."""
+  """The packer's document for a rendered conversation, with the per-token `role` and `turn`
+  rows of the loss by dialogue structure."""
+  role, turn = dialogue_loss.role_turn_arrays(rendered.tokens.tolist(), rendered.first_reply)
   return {"tokens": rendered.tokens, "weights": rendered.weights,
-          "assistant": rendered.assistant}
+          "assistant": rendered.assistant, "role": role, "turn": turn}
 
 
 def as_text(messages: Sequence[dict]) -> str:
@@ -199,6 +210,7 @@ class LoadReport:
   used: int = 0
   skipped: int = 0
   problems: list[str] = dataclasses.field(default_factory=list)  # The first few, located.
+  where: list[str] = dataclasses.field(default_factory=list)  # Of each used conversation.
 
   def skip(self, where: str, why: str, strict: bool):
     if strict:
@@ -218,7 +230,7 @@ class LoadReport:
 def read_jsonl(path: str, *, strict: bool = False) -> tuple[list[list[dict]], LoadReport]:
   """Conversations from a JSONL file, one {"messages": [{"role", "content"}, ...]} a line."""
   if not os.path.exists(path):
-    raise ValueError(f"Dialogue file {path} does not exist; pass a JSONL file with one "
+    raise UserError(f"Dialogue file {path} does not exist; pass a JSONL file with one "
                      '{"messages": [...]} object a line.')
   report, conversations = LoadReport(path), []
   with open(path, "rb") as f:
@@ -241,6 +253,7 @@ def read_jsonl(path: str, *, strict: bool = False) -> tuple[list[list[dict]], Lo
         continue
       try:
         conversations.append(check_conversation(record["messages"]))
+        report.where.append(where)
       except BadConversation as e:
         report.skip(where, str(e), strict)
   report.used = len(conversations)
@@ -251,15 +264,17 @@ def read_tfds(name: str, split: str, data_dir: str | None = None, *,
               strict: bool = False) -> tuple[list[list[dict]], LoadReport]:
   """Conversations of a tfds dialogue dataset split (see TFDS_DIALOGUES)."""
   if name not in TFDS_DIALOGUES:
-    raise ValueError(f"tfds dataset {name!r} is not a known dialogue dataset; expected one of "
+    raise UserError(f"tfds dataset {name!r} is not a known dialogue dataset; expected one of "
                      f"{sorted(TFDS_DIALOGUES)} or JSONL files in data.train_files.")
   source = data_lib.load_source(name, split, data_dir)
   report, conversations = LoadReport(f"{name}[{split}]"), []
   for index in range(len(source)):
+    where = f"{name}[{split}] record {index}"
     try:
       conversations.append(check_conversation(TFDS_DIALOGUES[name](source[index])))
+      report.where.append(where)
     except BadConversation as e:
-      report.skip(f"{name}[{split}] record {index}", str(e), strict)
+      report.skip(where, str(e), strict)
   report.used = len(conversations)
   return conversations, report
 
@@ -272,6 +287,6 @@ def load(spec: str, split: str, data_dir: str | None = None, *,
   else:
     conversations, report = read_tfds(spec, split, data_dir, strict=strict)
   if not conversations:
-    raise ValueError(f"{report.summary()}: no usable conversation; expected at least one with "
+    raise UserError(f"{report.summary()}: no usable conversation; expected at least one with "
                      "an assistant turn; check the source.")
   return conversations, report

@@ -124,16 +124,17 @@ def _penalize(logits_BV, tokens_BS, seen_BS, penalty):
   return jnp.where(seen_BV, penalized, logits_BV)
 
 
-def _ban_ngrams(logits_BV, tokens_BS, start_B, index, n: int):
+def _ban_ngrams(logits_BV, tokens_BS, start_B, index_B, n: int):
   """-inf on every token that would complete an n-gram already in the row."""
   B, S = tokens_BS.shape
   # An n-gram starting at column j is a repeat when its first n-1 tokens equal the last n-1
   # tokens (columns index-n+1 .. index-1); then its last token, at j+n-1, is banned.
-  suffix = jax.lax.dynamic_slice_in_dim(tokens_BS, index - (n - 1), n - 1, axis=1)  # [B, n-1]
+  suffix_cols = jnp.clip(index_B[:, None] - (n - 1) + jnp.arange(n - 1), 0, S - 1)
+  suffix = jnp.take_along_axis(tokens_BS, suffix_cols, axis=1)  # [B, n-1]
   padded_BS = jnp.pad(tokens_BS, ((0, 0), (0, n)))
   col_S = jnp.arange(S)
-  match_BS = ((col_S >= start_B[:, None]) & (col_S + n - 1 < index)
-              & (index - (n - 1) >= start_B)[:, None])
+  match_BS = ((col_S >= start_B[:, None]) & (col_S + n - 1 < index_B[:, None])
+              & (index_B - (n - 1) >= start_B)[:, None])
   for i in range(n - 1):
     match_BS &= padded_BS[:, i:i + S] == suffix[:, i:i + 1]
   banned_BS = jnp.where(match_BS, padded_BS[:, n - 1:n - 1 + S], logits_BV.shape[-1])
@@ -142,46 +143,74 @@ def _ban_ngrams(logits_BV, tokens_BS, start_B, index, n: int):
   return jnp.where(ban_BV, -jnp.inf, logits_BV)
 
 
+def _per_row(knob, B: int):
+  """A control as a [B, 1] column: one value for the batch, or one a row (the server)."""
+  return jnp.broadcast_to(jnp.reshape(knob, (-1, 1)), (B, 1))
+
+
 def _top_k_top_p(logits_BV, top_k, top_p):
-  """-inf outside the top_k tokens and outside the top_p nucleus (0 and 1 turn them off)."""
-  V = logits_BV.shape[-1]
+  """-inf outside the top_k tokens and outside the top_p nucleus (0 and 1 turn them off).
+
+  top_k and top_p are scalars or one value a row."""
+  B, V = logits_BV.shape
+  top_k_B1, top_p_B1 = _per_row(top_k, B), _per_row(top_p, B)
   sorted_BV = jnp.flip(jnp.sort(logits_BV, axis=-1), axis=-1)
-  k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-  kth_B1 = jax.lax.dynamic_slice_in_dim(sorted_BV, k - 1, 1, axis=1)
+  k_B1 = jnp.where(top_k_B1 > 0, jnp.minimum(top_k_B1, V), V)
+  kth_B1 = jnp.take_along_axis(sorted_BV, k_B1 - 1, axis=1)
   sorted_BV = jnp.where(sorted_BV >= kth_B1, sorted_BV, -jnp.inf)
   probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-  # Keep a token while the probability before it is below top_p: the first always stays.
-  keep_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV < top_p
+  # Keep a token while the probability before it is below top_p: the first always stays
+  # (and top_p 1 keeps all, whatever the rounding of the cumulative sum).
+  keep_BV = (((jnp.cumsum(probs_BV, axis=-1) - probs_BV < top_p_B1) | (top_p_B1 >= 1))
+             & (sorted_BV > -jnp.inf))
   cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
   return jnp.where(logits_BV >= cutoff_B1, logits_BV, -jnp.inf)
 
 
-def _emit(state: DecodeState, logits_BV, knobs, *, plan: Plan, max_len: int) -> DecodeState:
-  """Chooses each row's token for column `cache.index` and updates the rows' progress."""
-  index, start_B = state.cache.index, state.cache.start_B
-  col_S = jnp.arange(state.tokens_BS.shape[1])
+def choose_tokens(logits_BV, tokens_BS, start_B, index_B, keys_B, count_B, knobs, *,
+                  plan: Plan):
+  """Each row's token for column index_B[b], from the logits that predict it.
+
+  The one token choice of `generate` and of the serving engine (gptjax/serve/engine.py):
+  `knobs` values are scalars (a batch shares them) or one value a row. Row b's tokens so
+  far are tokens_BS[b, start_B[b]:index_B[b]]; `count_B` (tokens sampled before) is folded
+  into the row's key. Without plan.greedy, rows whose temperature is 0 still take the argmax.
+  """
+  B = logits_BV.shape[0]
+  col_S = jnp.arange(tokens_BS.shape[1])
   if plan.penalized:
-    seen_BS = (col_S >= start_B[:, None]) & (col_S < index)
-    logits_BV = _penalize(logits_BV, state.tokens_BS, seen_BS, knobs["repetition_penalty"])
+    seen_BS = (col_S >= start_B[:, None]) & (col_S < index_B[:, None])
+    logits_BV = _penalize(logits_BV, tokens_BS, seen_BS,
+                          _per_row(knobs["repetition_penalty"], B))
   if plan.ngram:
-    logits_BV = _ban_ngrams(logits_BV, state.tokens_BS, start_B, index, plan.ngram)
+    logits_BV = _ban_ngrams(logits_BV, tokens_BS, start_B, index_B, plan.ngram)
+  greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   if plan.greedy:
-    token_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  else:
-    logits_BV = logits_BV / knobs["temperature"]
-    if plan.filtered:
-      logits_BV = _top_k_top_p(logits_BV, knobs["top_k"], knobs["top_p"])
-    # Folding in the row's own count (not the column) keeps samples independent of padding.
-    keys_B = jax.vmap(jax.random.fold_in)(state.keys_B, state.count_B)
-    token_B = jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
+    return greedy_B
+  temperature_B1 = _per_row(knobs["temperature"], B)
+  logits_BV = logits_BV / jnp.where(temperature_B1 > 0, temperature_B1, 1.0)
+  if plan.filtered:
+    logits_BV = _top_k_top_p(logits_BV, knobs["top_k"], knobs["top_p"])
+  # Folding in the row's own count (not the column) keeps samples independent of padding.
+  keys_B = jax.vmap(jax.random.fold_in)(keys_B, count_B)
+  sampled_B = jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
+  return jnp.where(temperature_B1[:, 0] > 0, sampled_B, greedy_B)
+
+
+def _emit(state: DecodeState, logits_BV, knobs, *, plan: Plan, max_len: int) -> DecodeState:
+  """Chooses each row's token for column `cache.index_B` and updates the rows' progress."""
+  index_B, start_B = state.cache.index_B, state.cache.start_B
+  token_B = choose_tokens(logits_BV, state.tokens_BS, start_B, index_B, state.keys_B,
+                          state.count_B, knobs, plan=plan)
   token_B = jnp.where(state.done_B, tokenizer_lib.PAD_ID, token_B)
   count_B = state.count_B + (~state.done_B).astype(jnp.int32)
   stopped_B = functools.reduce(jnp.logical_or, [token_B == s for s in plan.stop_ids],
                                jnp.zeros_like(state.done_B))
   # The sequence is full when this token is its max_len-th: it could not be fed back.
-  full_B = index - start_B + 1 >= max_len
+  full_B = index_B - start_B + 1 >= max_len
   done_B = state.done_B | stopped_B | (count_B >= plan.max_new_tokens) | full_B
-  tokens_BS = jax.lax.dynamic_update_slice(state.tokens_BS, token_B[:, None], (0, index))
+  tokens_BS = state.tokens_BS.at[jnp.arange(token_B.shape[0]), index_B].set(token_B,
+                                                                            mode="drop")
   return state.replace(tokens_BS=tokens_BS, count_B=count_B, done_B=done_B)
 
 
@@ -206,7 +235,7 @@ def decode(params, state: DecodeState, knobs, *, model, plan: Plan, steps: int):
 
   def body(carry):
     i, s = carry
-    token_B1 = jax.lax.dynamic_slice_in_dim(s.tokens_BS, s.cache.index, 1, axis=1)
+    token_B1 = jnp.take_along_axis(s.tokens_BS, s.cache.index_B[:, None], axis=1)
     logits_B1V, cache = model.apply({"params": params}, token_B1, cache=s.cache)
     s = _emit(s.replace(cache=cache), logits_B1V[:, 0], knobs, plan=plan,
               max_len=model.cfg.max_len)

@@ -177,10 +177,11 @@ def attention_mask(segment_ids_BL):
 CACHE_AXES = ("batch", "act_heads", "act_length", "kv")
 
 
-def _write_cache(cache_BHSK, new_BLHK, index):
-  """The cache with the new tokens' keys (or values) written at columns index.."""
+def _write_cache(cache_BHSK, new_BLHK, index_B):
+  """The cache with each row's new keys (or values) written at its columns index_B[b].."""
   new_BHLK = new_BLHK.swapaxes(1, 2).astype(cache_BHSK.dtype)
-  cache_BHSK = jax.lax.dynamic_update_slice(cache_BHSK, new_BHLK, (0, 0, index, 0))
+  write_row = lambda c_HSK, n_HLK, i: jax.lax.dynamic_update_slice(c_HSK, n_HLK, (0, i, 0))
+  cache_BHSK = jax.vmap(write_row)(cache_BHSK, new_BHLK, index_B)
   return nn.with_logical_constraint(cache_BHSK, CACHE_AXES)
 
 
@@ -232,19 +233,19 @@ def chunked_attention(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL, chunk: int = ATTEN
   return jnp.concatenate(out, axis=1)
 
 
-def cached_attention(q_BLHK, k_BHSK, v_BHSK, start_B, index):
-  """Attention of L new tokens, at columns index..index+L-1, over a cache holding them.
+def cached_attention(q_BLHK, k_BHSK, v_BHSK, start_B, index_B):
+  """Attention of L new tokens, at columns index_B[b]..index_B[b]+L-1, over a cache holding them.
 
   A query at column c sees the columns of its row (>= start_B) up to c. The math mirrors
   jax.nn.dot_product_attention (float32 logits and softmax, a large finite negative for
   masked keys) so cached logits match the full forward pass.
   """
   L, S = q_BLHK.shape[1], k_BHSK.shape[2]
-  query_L1 = index + jnp.arange(L)[:, None]
+  query_BL1 = index_B[:, None, None] + jnp.arange(L)[:, None]
   col_S = jnp.arange(S)
   # A token always sees itself, so left-padding queries never have an empty softmax.
-  mask_B1LS = (((col_S >= start_B[:, None, None]) & (col_S <= query_L1))
-               | (col_S == query_L1))[:, None]
+  mask_B1LS = (((col_S >= start_B[:, None, None]) & (col_S <= query_BL1))
+               | (col_S == query_BL1))[:, None]
   logits_BHLS = jnp.einsum("BLHK,BHSK->BHLS", q_BLHK, k_BHSK,
                            preferred_element_type=jnp.float32)
   logits_BHLS = logits_BHLS * jnp.float32(q_BLHK.shape[-1] ** -0.5)
@@ -391,15 +392,17 @@ class Block(nn.Module):
 class KVCache:
   """Each layer's keys and values for decoding, rows left-padded.
 
-  Row b holds its tokens in columns start_B[b] .. index - 1; the next call writes its L
-  tokens at columns index .. index + L - 1, and the caller keeps index + L <= S. One array
-  a layer (not one stacked array) lets XLA update each in place; heads before columns let
-  both attention matmuls read it without a transpose.
+  Row b holds its tokens in columns start_B[b] .. index_B[b] - 1; the next call writes its L
+  tokens at columns index_B[b] .. index_B[b] + L - 1, and the caller keeps index_B + L <= S.
+  Rows advance together in `generate` (one shared column) and apart in the serving engine
+  (each decode slot at its own length). One array a layer (not one stacked array) lets XLA
+  update each in place; heads before columns let both attention matmuls read it without a
+  transpose.
   """
   k_BHSK: tuple[jax.Array, ...]
   v_BHSK: tuple[jax.Array, ...]
   start_B: jax.Array  # int32: first column of each row's tokens (left padding before it).
-  index: jax.Array  # int32 scalar: the next column to write.
+  index_B: jax.Array  # int32: each row's next column to write.
 
 
 def init_cache(cfg: ModelConfig, start_B, capacity: int) -> KVCache:
@@ -410,7 +413,8 @@ def init_cache(cfg: ModelConfig, start_B, capacity: int) -> KVCache:
     return tuple(nn.with_logical_constraint(jnp.zeros(shape, cfg.compute_dtype), CACHE_AXES)
                  for _ in range(cfg.num_layers))
 
-  return KVCache(zeros(), zeros(), start_B.astype(jnp.int32), jnp.zeros((), jnp.int32))
+  return KVCache(zeros(), zeros(), start_B.astype(jnp.int32),
+                 jnp.zeros(start_B.shape, jnp.int32))
 
 
 def unstack_layers(params):
@@ -450,7 +454,7 @@ class Transformer(nn.Module):
     if positions_BL is None and cache is not None:
       # Left padding gets position 0; the clip keeps finished rows, which still advance,
       # inside the learned table (their outputs are discarded).
-      positions_BL = jnp.clip(cache.index + jnp.arange(L) - cache.start_B[:, None], 0,
+      positions_BL = jnp.clip(cache.index_B[:, None] + jnp.arange(L) - cache.start_B[:, None], 0,
                               cfg.max_len - 1)
     if positions_BL is None:
       positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
@@ -480,7 +484,7 @@ class Transformer(nn.Module):
       ks, vs = [], []
       for i in range(cfg.num_layers):
         layer_cache = None if cache is None else (cache.k_BHSK[i], cache.v_BHSK[i],
-                                                  cache.start_B, cache.index)
+                                                  cache.start_B, cache.index_B)
         x_BLD, kv = block(cfg, deterministic, name=f"block_{i}")(
             x_BLD, segment_ids_BL, positions_BL, layer_cache)
         if cache is not None:
@@ -500,4 +504,4 @@ class Transformer(nn.Module):
     if cache is None:
       return logits_BLV.astype(jnp.float32)
     return logits_BLV.astype(jnp.float32), cache.replace(
-        k_BHSK=tuple(ks), v_BHSK=tuple(vs), index=cache.index + L)
+        k_BHSK=tuple(ks), v_BHSK=tuple(vs), index_B=cache.index_B + L)

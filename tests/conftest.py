@@ -103,7 +103,9 @@ def write_chats(path, count: int, seed: int = 0):
       messages = [{"role": "user", "content": f"I need a hotel in {city}."},
                   {"role": "assistant", "content": "Which dates?"},
                   {"role": "user", "content": f"From March {day}."},
-                  {"role": "assistant", "content": f"Booked a room in {city} from March {day}."}]
+                  # Short: each exchange fits a row of the tiny config (seq_len 32), since a
+                  # conversation is never split across rows.
+                  {"role": "assistant", "content": f"Booked in {city}."}]
       f.write(json.dumps({"messages": messages}) + "\n")
   return str(path)
 

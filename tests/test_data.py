@@ -9,6 +9,7 @@ import pytest
 
 from gptjax import data
 from gptjax import tokenizer as tokenizer_lib
+from gptjax.errors import UserError
 
 _BOS, _EOS = 2, 3
 
@@ -216,9 +217,9 @@ def test_chunk_text_cuts_at_paragraphs_then_lines():
 
 def test_text_documents_decodes_and_chunks_records():
   source = [{"text": "a\n\nb".encode()}, {"text": "día".encode()}]
-  assert data.text_documents(source, chunk_chars=3) == ["a\n\n", "b", "día"]
-  with pytest.raises(KeyError, match="no field 'body'"):
-    data.text_documents(source, field="body")
+  assert list(data.text_documents(source, chunk_chars=3)) == ["a\n\n", "b", "día"]
+  with pytest.raises(UserError, match="no field 'body'"):
+    list(data.text_documents(source, field="body"))
 
 
 def test_missing_dataset_error_says_where_and_how_to_fix(tmp_path):
@@ -247,7 +248,7 @@ def test_unknown_split_lists_available_ones(tfds_data_dir):
 
 def test_tiny_shakespeare_gives_batches(tfds_data_dir):
   from gptjax.tokenizer import train_tokenizer
-  documents = data.text_documents(data.load_source("tiny_shakespeare", "validation"))
+  documents = list(data.text_documents(data.load_source("tiny_shakespeare", "validation")))
   assert all(len(d) <= 2_000 for d in documents) and len(documents) > 10
   tokenizer = train_tokenizer(documents[:5], vocab_size=400)
   batch = next(iter(data.make_pretrain_dataset(documents, tokenizer, seq_len=32,
@@ -300,3 +301,102 @@ def test_prepare_names_an_unknown_dataset(tmp_path):
   pytest.importorskip("tensorflow", reason="preparing tfds datasets needs tensorflow-cpu")
   with pytest.raises(data.DatasetNotFoundError, match="not in the tfds catalog"):
     data.prepare("no_such_dataset_anywhere", str(tmp_path))
+
+
+def _whole_rows(lengths, seq_len, **kwargs):
+  ds = data.make_dataset(_documents(lengths), lambda d: d, seq_len=seq_len, batch_size=1,
+                         seed=0, num_epochs=1, whole=True, **kwargs)
+  return [{k: v[0] for k, v in batch.items()} for batch in ds]
+
+
+def _segments(rows):
+  """(row index, first token, inputs) of every segment of every row."""
+  out = []
+  for r, row in enumerate(rows):
+    for s in range(1, row["segment_ids"].max() + 1):
+      mask = row["segment_ids"] == s
+      np.testing.assert_array_equal(row["positions"][mask], np.arange(mask.sum()))
+      out.append((r, row["inputs"][mask][0], row["inputs"][mask]))
+  return out
+
+
+def test_twenty_conversations_of_200_tokens_at_256_are_all_whole():
+  rows = _whole_rows([200] * 20, seq_len=256)
+  segments = _segments(rows)
+  assert len(rows) == 20 and len(segments) == 20  # One whole document a row, none split.
+  for _, first, inputs in segments:
+    np.testing.assert_array_equal(inputs, np.arange(199) + first)
+    assert first % 1000 == 0  # Each segment starts at its document's first token.
+
+
+def test_best_fit_packs_mixed_lengths_whole_and_densely():
+  lengths = np.random.default_rng(0).integers(10, 250, size=300).tolist()
+  rows = _whole_rows(lengths, seq_len=256)
+  segments = _segments(rows)
+  # Every document once, whole (its first token opens the segment, all its pairs follow).
+  assert sorted(int(first) // 1000 for _, first, _ in segments) == list(range(len(lengths)))
+  for _, first, inputs in segments:
+    assert len(inputs) == lengths[int(first) // 1000] - 1
+  # Writing them in order, a new row whenever one does not fit, fills 73% of the rows (216
+  # rows); best fit needs 167, 158 at the very least (the pass's last rows drain the buffer).
+  assert data.packing_efficiency(rows) > 0.94
+
+
+def test_best_fit_rows_are_deterministic_and_follow_the_input_order():
+  lengths = np.random.default_rng(1).integers(3, 60, size=80).tolist()
+  _assert_batches_equal(_whole_rows(lengths, 64), _whole_rows(lengths, 64))
+  # The oldest pending document opens each row: a document waits at most buffer_size rows.
+  rows = _whole_rows(lengths, 64, shuffle=False)
+  openers = [int(row["inputs"][0]) // 1000 for row in rows]
+  assert openers == sorted(openers)
+
+
+def test_a_document_longer_than_a_row_is_an_error_naming_it():
+  documents = _documents([5, 12, 5])
+  documents[1]["source"] = "chats.jsonl:2"
+  ds = data.make_dataset(documents, lambda d: d, seq_len=8, batch_size=1, seed=0,
+                         shuffle=False, num_epochs=1, whole=True)
+  with pytest.raises(UserError, match=r"chats.jsonl:2 is 12 tokens long, more than a row"):
+    list(ds)
+
+
+def test_best_fit_state_restores_mid_epoch_across_epochs():
+  lengths = np.random.default_rng(2).integers(3, 30, size=25).tolist()
+  ds = data.make_dataset(_documents(lengths), lambda d: d, seq_len=32, batch_size=2, seed=5,
+                         whole=True)
+  it = iter(ds)
+  for _ in range(9):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = [next(it) for _ in range(12)]
+  restored = iter(ds)
+  restored.set_state(state)
+  _assert_batches_equal(expected, [next(restored) for _ in range(12)])
+
+
+def test_pretraining_text_still_concatenates_and_splits():
+  ds = data.make_pretrain_dataset(["x" * 30, "y" * 30], _CharTokenizer(), seq_len=8,
+                                  batch_size=1, seed=0, shuffle=False, num_epochs=1)
+  rows = [batch for batch in ds]
+  assert all(row["segment_ids"].all() for row in rows[:-1])  # Full rows, no padding.
+  # A document continues at the start of the next row, as a new segment at position 0.
+  assert rows[1]["inputs"][0, 0] == ord("x") and rows[1]["positions"][0, 0] == 0
+  assert data.packing_efficiency(rows) > 0.9
+
+
+def test_text_chunks_read_records_lazily_by_index():
+  class Records:
+    reads = 0
+
+    def __len__(self):
+      return 3
+
+    def __getitem__(self, index):
+      Records.reads += 1
+      return ["a\n\nb", "", "día\ncd\n"][index]
+
+  chunks = data.TextChunks(Records(), chunk_chars=3)
+  assert list(chunks) == ["a\n\n", "b", "día", "\n", "cd\n"]
+  assert len(chunks) == 5 and chunks[3] == "\n" and chunks[-1] == "cd\n"
+  before = Records.reads
+  assert chunks[4] == "cd\n" and Records.reads == before  # Cached: no re-read.

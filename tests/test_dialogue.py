@@ -12,6 +12,7 @@ from gptjax import data
 from gptjax import datasets
 from gptjax import dialogue
 from gptjax import tokenizer as tokenizer_lib
+from gptjax.errors import UserError
 
 CHAT = [{"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Find me a hotel in Paris."},
@@ -197,10 +198,11 @@ def test_dialogue_data_trains_all_replies_only_with_windows(tok, tmp_path, mode)
   replies = 3 * len(_replies(dialogue.render(_long_chat(), tok)))
   if mode == "windows":
     assert targets == replies
-    assert "3 of 3 eval conversations were longer than seq_len=64 and were split into" in notes[-1]
+    assert "3 of 3 eval conversations were longer than seq_len=64 and were split into" in notes[-2]
   else:
     assert 0 < targets < replies
-    assert "cut to their most recent turns" in notes[-1]
+    assert "cut to their most recent turns" in notes[-2]
+  assert notes[-1].startswith("Packing efficiency (eval, conversations packed whole")
 
 
 def test_an_unknown_long_conversation_mode_is_an_error(tok, tmp_path):
@@ -209,3 +211,74 @@ def test_an_unknown_long_conversation_mode_is_an_error(tok, tmp_path):
   config.dialogue.long_conversations = "drop"
   with pytest.raises(ValueError, match="dialogue.long_conversations='drop' is not one of"):
     datasets.eval_batches(config, tok)
+
+
+def _varied_chats(tmp_path, count=30):
+  """JSONL of `count` conversations of 1 to 12 exchanges (CHAT's system message first)."""
+  lines = [json.dumps({"messages": _long_chat()[:2 + 2 * (i % 12)]}).encode()
+           for i in range(count)]
+  return _write_jsonl(tmp_path / "varied.jsonl", lines)
+
+
+def _dialogue_config(chats, seq_len=128, mode="windows"):
+  config = tiny_dialogue_config(chats, chats)
+  config.data.update(seq_len=seq_len, eval_batches=0)
+  config.dialogue.long_conversations = mode
+  return config
+
+
+@pytest.mark.parametrize("mode", ["recent", "windows"])
+def test_no_reply_is_packed_without_the_turns_before_it(tok, tmp_path, mode):
+  config = _dialogue_config(_varied_chats(tmp_path), mode=mode)
+  ds, notes = datasets.train_dataset(config, tok, batch_size=4)
+  it = iter(ds)
+  replies = 0
+  for batch in (next(it) for _ in range(30)):  # Over two epochs.
+    for row in range(4):
+      segments, inputs = batch["segment_ids"][row], batch["inputs"][row]
+      for s in np.unique(segments[(batch["assistant"][row] == 1) & (segments > 0)]):
+        mask = segments == s
+        # The segment holding a reply target starts at its conversation's (or window's) bos,
+        # so the reply sees every turn before it; and the rendering ends in that segment.
+        assert inputs[mask][0] == tok.bos_id and batch["positions"][row][mask][0] == 0
+        assert batch["targets"][row][mask][-1] == tok.eos_id
+        replies += 1
+  assert replies > 50
+  assert notes[-1].startswith("Packing efficiency (train, conversations packed whole")
+
+
+def test_dialogue_batches_resume_mid_epoch_through_a_checkpoint(tok, tmp_path):
+  import jax
+  import jax.numpy as jnp
+
+  from gptjax import checkpoint as ckpt_lib
+
+  config = _dialogue_config(_varied_chats(tmp_path))
+  ds, _ = datasets.train_dataset(config, tok, batch_size=4)
+  it = iter(ds)
+  for _ in range(5):
+    next(it)
+  assert it.get_state()["pending"], "expected conversations pending at the save"
+  state = {"w": jnp.arange(3.0)}
+  checkpoints = ckpt_lib.Checkpoints(str(tmp_path / "ckpt"))
+  checkpoints.save(5, state, it)
+  checkpoints.wait()
+  expected = [next(it) for _ in range(12)]
+  restored_it = iter(datasets.train_dataset(config, tok, batch_size=4)[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                         sharding=x.sharding), state)
+  checkpoints.restore(5, abstract, restored_it)
+  checkpoints.close()
+  for want, got in zip(expected, (next(restored_it) for _ in range(12))):
+    for name in want:
+      np.testing.assert_array_equal(want[name], got[name], err_msg=name)
+
+
+def test_an_exchange_longer_than_a_row_is_an_error_naming_the_conversation(tok, tmp_path):
+  chats = _write_jsonl(tmp_path / "chats.jsonl", [
+      json.dumps({"messages": CHAT}).encode(),
+      json.dumps({"messages": [{"role": "user", "content": "Paris? " * 40},
+                               {"role": "assistant", "content": "Yes."}]}).encode()])
+  config = _dialogue_config(chats, seq_len=64)
+  with pytest.raises(UserError, match=r"chats.jsonl:2: one exchange .* renders to \d+ tokens"):
+    datasets.train_dataset(config, tok, batch_size=2)

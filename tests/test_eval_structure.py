@@ -88,3 +88,15 @@ def test_eval_reports_the_structure_and_it_adds_up(tiny_tokenizer_file):
   assert turns["1"] > turns["4"] > 0 and turns["5plus"] > 0
   pooled = sum(metrics[f"loss_turn_{k}"] * n for k, n in turns.items()) / sum(turns.values())
   assert pooled == pytest.approx(metrics["assistant_loss"], 1e-5)
+
+
+def test_windows_number_their_replies_as_the_conversation_does(tiny_tokenizer_file):
+  tokenizer = tokenizer_lib.Tokenizer.load(tiny_tokenizer_file)
+  windows = dialogue.render_windows(_conversation(6), tokenizer, 40)
+  assert len(windows) > 1, "the conversation must not fit one window for this test"
+  replies = []
+  for window in windows:
+    document = dialogue.conversation_document(window)
+    trained = (document["role"] == A) & (document["weights"] > 0)
+    replies += sorted({int(k) for k in document["turn"][trained]})
+  assert replies == [1, 2, 3, 4, 5, 6], "every reply once, numbered in its conversation"

@@ -47,7 +47,7 @@ def test_the_notebook_runs_headless_on_real_runs_and_saves_its_figures(
       resources={"metadata": {"path": str(NOTEBOOK.parent)}})
   client.execute()  # Raises CellExecutionError, with the cell and traceback, on any error.
   assert sorted(p.name for p in figures.iterdir()) == [
-      "comparison.png", "optimizer.png", "stages.png"]
+      "comparison.png", "optimizer.png", "stages.png", "structure.png"]
   assert all(p.stat().st_size > 10_000 for p in figures.iterdir()), "figures with content"
   summary = notebook.cells[3].outputs[0]["data"]["text/plain"]
   assert "replies_only" in summary and "dialogue.history_weight" in summary

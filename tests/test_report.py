@@ -74,6 +74,7 @@ def test_the_report_of_real_runs_has_every_section(trained_runs):
   assert "characters per token" in text
   assert "| dialogue | 4 | " in text and "### dialogue: held-out turns" in text
   assert "| reference | model |" in text
+  assert "dialogue, eval at step 4" in text, "the loss by dialogue structure of the eval rows"
   for name in ("losses", "optimizer"):
     assert os.path.exists(os.path.join(workdir, report.FIGURES, f"{name}.png"))
 
