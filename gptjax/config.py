@@ -267,9 +267,10 @@ class TrainConfig:
     for key in ("steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every",
                 "max_to_keep"):
       _check(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "a positive integer")
-    # A learning rate of 0 is allowed: it evaluates a loaded model through the train loop.
+    _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate,
+           "a positive learning rate")
     for key in ("warmup_steps", "eval_every", "patience", "weight_decay", "grad_clip",
-                "learning_rate", "save_every_minutes"):
+                "save_every_minutes"):
       _check(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "0 or more")
     _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio,
            "a ratio in [0, 1]")

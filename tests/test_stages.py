@@ -40,6 +40,18 @@ def _params(workdir, step=None):
   return checkpoints.restore_params(checkpoints.resolve(step), abstract)
 
 
+def _start_params(config, workdir, mesh):
+  """The parameters a stage of `config` in a fresh `workdir` starts training from."""
+  from gptjax import config as config_lib
+
+  stage = workdir_lib.resolve(config_lib.stage_config(config), workdir)
+  checkpoints = ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(stage.workdir), read_only=True)
+  state, step = train_lib._start_state(stage, compile_programs(stage.config, mesh), checkpoints,
+                                       None)
+  assert step == 0
+  return state.params
+
+
 def _assert_same(a, b):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -48,11 +60,12 @@ def _assert_same(a, b):
 def test_handoff_restores_exactly_the_pretrained_parameters(pretrained, chats, tmp_path):
   config = tiny_dialogue_config(*chats)
   config.init_from = pretrained
-  config.train.update(steps=1, learning_rate=0.0)  # An update of zero: params stay as loaded.
+  config.train.steps = 1
+  _assert_same(_start_params(config, str(tmp_path / "start"), make_mesh(data=2)),
+               _params(pretrained))
   workdir = str(tmp_path / "dialogue")
   result = run_stage(config, workdir, mesh=make_mesh(data=2))
   assert int(result.state.step) == 1, "the step counter starts fresh"
-  _assert_same(result.state.params, _params(pretrained))
   recorded = workdir_lib.read_config(workdir)
   assert (recorded.init_from, recorded.init_from_step) == (os.path.abspath(pretrained), "3")
   with open(os.path.join(workdir, "tokenizer.model"), "rb") as a, \
@@ -208,9 +221,8 @@ def test_pipeline_runs_both_stages_and_does_not_redo_finished_ones(tfds_data_dir
 def test_handoff_restores_onto_another_mesh(pretrained, chats, tmp_path):
   config = tiny_dialogue_config(*chats)
   config.init_from = pretrained  # Trained on (data=2, fsdp=1, tensor=1).
-  config.train.update(steps=1, learning_rate=0.0)
   mesh = make_mesh(fsdp=2, tensor=2)
-  result = run_stage(config, str(tmp_path / "dialogue"), mesh=mesh)
-  qkv = result.state.params["block_0"]["attn"]["qkv"]
+  params = _start_params(config, str(tmp_path / "dialogue"), mesh)
+  qkv = params["block_0"]["attn"]["qkv"]
   assert qkv.sharding.mesh.shape == mesh.shape and len(qkv.sharding.device_set) == 4
-  _assert_same(result.state.params, _params(pretrained))
+  _assert_same(params, _params(pretrained))
