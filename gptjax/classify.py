@@ -17,7 +17,6 @@ list, empty text, wrong types) is skipped and counted with its file and line, or
 with data.strict.
 """
 
-import dataclasses
 import json
 import os
 
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import data as data_lib
+from gptjax import dialogue
 from gptjax import loss as loss_lib
 from gptjax.errors import UserError
 
@@ -62,27 +62,9 @@ def _text(value) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
-@dataclasses.dataclass
-class Report:
-  """What loading kept and skipped."""
-  source: str
-  used: int = 0
-  skipped: int = 0
-  problems: list[str] = dataclasses.field(default_factory=list)
-
-  def skip(self, where: str, why: str, strict: bool):
-    if strict:
-      raise UserError(f"{where}: {why} (data.strict=True stops at the first bad record; fix it "
-                      "or set --config.data.strict=False to skip bad records).")
-    self.skipped += 1
-    if len(self.problems) < 5:
-      self.problems.append(f"{where}: {why}")
-
-  def summary(self) -> str:
-    line = f"{self.source}: {self.used} examples"
-    if self.skipped:
-      line += f", {self.skipped} bad records skipped (first: {'; '.join(self.problems)})"
-    return line
+def _report(source: str) -> dialogue.LoadReport:
+  """Bad records are counted and located as the dialogue stage's are."""
+  return dialogue.LoadReport(source, unit="examples")
 
 
 def check_example(text, label, labels: tuple[str, ...], names=None) -> tuple[str, int]:
@@ -108,12 +90,12 @@ def check_example(text, label, labels: tuple[str, ...], names=None) -> tuple[str
   return text, labels.index(label)
 
 
-def read_jsonl(path: str, labels, strict: bool) -> tuple[list[tuple[str, int]], Report]:
+def read_jsonl(path: str, labels, strict: bool) -> tuple[list[tuple[str, int]], dialogue.LoadReport]:
   """Examples of a JSONL file of {"text", "label"} objects."""
   if not os.path.exists(path):
     raise UserError(f"Classification file {path} does not exist; pass a JSONL file with one "
                     '{"text": ..., "label": ...} object a line.')
-  report, examples = Report(path), []
+  report, examples = _report(path), []
   with open(path, "rb") as f:
     for lineno, raw in enumerate(f, 1):
       where = f"{path}:{lineno}"
@@ -135,7 +117,7 @@ def read_tfds(name: str, split: str, config, strict: bool):
   """Examples of a tfds split: by SOURCES, else its text and label features."""
   d, c = config.data, config.classify
   source = data_lib.load_source(name, split, d.data_dir)
-  report, examples = Report(f"{name}[{split}]"), []
+  report, examples = _report(f"{name}[{split}]"), []
   for index in range(len(source)):
     try:
       record = source[index]

@@ -304,19 +304,24 @@ def _sampling():
       seed=_SEED.value)
 
 
+def _lines(flag, what: str) -> list[str]:
+  """The non-blank lines of the text file a flag names (none if unset)."""
+  if not flag.value:
+    return []
+  try:
+    with open(flag.value) as f:
+      return [line.rstrip("\n") for line in f if line.strip()]
+  except (OSError, UnicodeDecodeError) as e:
+    raise UserError(f"Cannot read --{flag.name}: {e}; pass a text file, one {what} a "
+                    "line.") from None
+
+
 def cmd_sample():
   """Continues --prompt texts (or --prompt_file lines) with a checkpoint of --workdir."""
   from gptjax import generate
 
   workdir = _require(_WORKDIR, "workdir", "sample")
-  texts = list(_PROMPT.value or [])
-  if _PROMPT_FILE.value:
-    try:
-      with open(_PROMPT_FILE.value) as f:
-        texts += [line.rstrip("\n") for line in f if line.strip()]
-    except OSError as e:
-      raise UserError(f"Cannot read --prompt_file: {e}; pass a text file, one prompt a "
-                      "line.") from None
+  texts = list(_PROMPT.value or []) + _lines(_PROMPT_FILE, "prompt")
   if not texts:
     raise UserError("`sample` needs --prompt TEXT (repeatable) or --prompt_file FILE.")
   for i, text in enumerate(texts):
@@ -431,13 +436,7 @@ def cmd_classify():
   from gptjax import classify
 
   workdir = _require(_WORKDIR, "workdir", "classify")
-  texts = list(_TEXT.value or [])
-  if _FILE.value:
-    try:
-      with open(_FILE.value) as f:
-        texts += [line.rstrip("\n") for line in f if line.strip()]
-    except OSError as e:
-      raise UserError(f"Cannot read --file: {e}; pass a text file, one text a line.") from None
+  texts = list(_TEXT.value or []) + _lines(_FILE, "text")
   if not texts:
     raise UserError("`classify` needs --text TEXT (repeatable) or --file FILE.")
   for result in classify.classify_texts(workdir, texts, _step()):

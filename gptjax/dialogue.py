@@ -211,6 +211,7 @@ class LoadReport:
   skipped: int = 0
   problems: list[str] = dataclasses.field(default_factory=list)  # The first few, located.
   where: list[str] = dataclasses.field(default_factory=list)  # Of each used conversation.
+  unit: str = "conversations"  # What a record is, for the summary.
 
   def skip(self, where: str, why: str, strict: bool):
     if strict:
@@ -221,7 +222,7 @@ class LoadReport:
       self.problems.append(f"{where}: {why}")
 
   def summary(self) -> str:
-    line = f"{self.source}: {self.used} conversations"
+    line = f"{self.source}: {self.used} {self.unit}"
     if self.skipped:
       line += f", {self.skipped} bad records skipped (first: {'; '.join(self.problems)})"
     return line
