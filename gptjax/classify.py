@@ -17,7 +17,6 @@ list, empty text, wrong types) is skipped and counted with its file and line, or
 with data.strict.
 """
 
-import json
 import os
 
 import flax.linen as nn
@@ -96,19 +95,11 @@ def read_jsonl(path: str, labels, strict: bool) -> tuple[list[tuple[str, int]], 
     raise UserError(f"Classification file {path} does not exist; pass a JSONL file with one "
                     '{"text": ..., "label": ...} object a line.')
   report, examples = _report(path), []
-  with open(path, "rb") as f:
-    for lineno, raw in enumerate(f, 1):
-      where = f"{path}:{lineno}"
-      try:
-        line = raw.decode("utf-8")
-        if not line.strip():
-          continue
-        record = json.loads(line)
-        if not isinstance(record, dict):
-          raise BadRecord("not a JSON object")
-        examples.append(check_example(record.get("text"), record.get("label"), labels))
-      except (UnicodeDecodeError, json.JSONDecodeError, BadRecord) as e:
-        report.skip(where, str(e) if isinstance(e, BadRecord) else f"invalid line ({e})", strict)
+  for where, record in dialogue.jsonl_objects(path, report, strict):
+    try:
+      examples.append(check_example(record.get("text"), record.get("label"), labels))
+    except BadRecord as e:
+      report.skip(where, str(e), strict)
   report.used = len(examples)
   return examples, report
 

@@ -228,12 +228,9 @@ class LoadReport:
     return line
 
 
-def read_jsonl(path: str, *, strict: bool = False) -> tuple[list[list[dict]], LoadReport]:
-  """Conversations from a JSONL file, one {"messages": [{"role", "content"}, ...]} a line."""
-  if not os.path.exists(path):
-    raise UserError(f"Dialogue file {path} does not exist; pass a JSONL file with one "
-                     '{"messages": [...]} object a line.')
-  report, conversations = LoadReport(path), []
+def jsonl_objects(path: str, report: LoadReport, strict: bool):
+  """(where, object) of each non-blank line of a JSONL file that holds a JSON object; other
+  lines (not UTF-8, invalid JSON, not an object) are skipped into `report`."""
   with open(path, "rb") as f:
     for lineno, raw in enumerate(f, 1):
       where = f"{path}:{lineno}"
@@ -249,14 +246,27 @@ def read_jsonl(path: str, *, strict: bool = False) -> tuple[list[list[dict]], Lo
       except json.JSONDecodeError as e:
         report.skip(where, f"invalid JSON ({e.msg})", strict)
         continue
-      if not isinstance(record, dict) or "messages" not in record:
-        report.skip(where, "no 'messages' field", strict)
+      if not isinstance(record, dict):
+        report.skip(where, "not a JSON object", strict)
         continue
-      try:
-        conversations.append(check_conversation(record["messages"]))
-        report.where.append(where)
-      except BadConversation as e:
-        report.skip(where, str(e), strict)
+      yield where, record
+
+
+def read_jsonl(path: str, *, strict: bool = False) -> tuple[list[list[dict]], LoadReport]:
+  """Conversations from a JSONL file, one {"messages": [{"role", "content"}, ...]} a line."""
+  if not os.path.exists(path):
+    raise UserError(f"Dialogue file {path} does not exist; pass a JSONL file with one "
+                     '{"messages": [...]} object a line.')
+  report, conversations = LoadReport(path), []
+  for where, record in jsonl_objects(path, report, strict):
+    if "messages" not in record:
+      report.skip(where, "no 'messages' field", strict)
+      continue
+    try:
+      conversations.append(check_conversation(record["messages"]))
+      report.where.append(where)
+    except BadConversation as e:
+      report.skip(where, str(e), strict)
   report.used = len(conversations)
   return conversations, report
 
