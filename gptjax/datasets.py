@@ -53,6 +53,17 @@ def text_documents(d, which: str) -> data_lib.TextChunks:
   return data_lib.TextChunks(grain.MapDataset.concatenate(parts), d.chunk_chars)
 
 
+def check_present(d) -> None:
+  """Every tfds split `data` names is prepared (else DatasetNotFoundError, naming it); cheap:
+  reads the datasets' metadata only. JSONL files are checked by workdir.resolve."""
+  for which in ("train", "eval"):
+    files = d.train_files if which == "train" else d.eval_files
+    if files or (which == "eval" and not has_eval(d)):
+      continue
+    for name, split in _entries(d, which):
+      data_lib.load_source(name, split, d.data_dir)
+
+
 def _transcript(to_messages, record) -> str:
   """A dialogue record as pretraining text; "" (no document) for a bad record."""
   try:

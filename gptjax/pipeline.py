@@ -90,10 +90,13 @@ def run(config: PipelineConfig, workdir: str, *, mesh=None,
         progress: bool = True) -> dict[str, train_lib.TrainResult]:
   """Trains every unfinished stage; returns the results of the stages run now."""
   workdir = os.path.abspath(workdir)
-  for _, stage_config in config.stages:  # Every stage's mesh and batch, before writing.
+  finished = _finished(workdir)
+  for name, stage_config in config.stages:  # Mesh, batch and data of each, before writing.
     steps_lib.validate(stage_config, mesh or sharding.make_mesh(stage_config.mesh.sizes))
+    if name not in finished:
+      datasets.check_present(stage_config.data)
   tokenizer = shared_tokenizer(config, workdir)
-  finished, results, previous = _finished(workdir), {}, None
+  results, previous = {}, None
   for name, stage_config in config.stages:
     stage_dir = os.path.join(workdir, name)
     if name not in finished:

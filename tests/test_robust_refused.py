@@ -108,3 +108,20 @@ def test_a_killed_run_does_not_leave_its_workdir_locked(tmp_path):
   lock.acquire()
   lock.release()
   assert os.listdir(run) == [], "the lock writes no file"
+
+
+def test_a_pipeline_whose_later_stage_lacks_its_dataset_writes_nothing(tmp_path, tfds_data_dir):
+  import ml_collections
+  from conftest import run_pipeline
+
+  config = ml_collections.ConfigDict()
+  config.stages = ("pretrain", "dialogue")
+  config.tokenizer_stage = "pretrain"
+  config.pretrain = tiny_config(tfds_data_dir)
+  config.dialogue = tiny_config(tfds_data_dir)
+  config.dialogue.stage = "dialogue"
+  config.dialogue.data.update(kind="dialogue", dataset="schema_guided_dialogue",
+                              eval_split="no_such_split")
+  with pytest.raises(UserError, match="no_such_split"):
+    run_pipeline(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists(), "the pretraining stage ran before the refusal"
