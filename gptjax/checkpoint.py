@@ -199,6 +199,24 @@ class Checkpoints:
       raise self._damaged(damaged[0], "no saved step restores (all are damaged)")
     return None
 
+  def load(self, step: int | str | None, restore):
+    """(restore(n), n) for checkpoint `step` as `resolve` names it; for None or "latest", the
+    newest step that restores: a damaged one (only a restore can tell arrays cut short) is
+    named in a warning and skipped, never moved or deleted. For readers (eval, sample, serve)."""
+    if step not in (None, "latest"):
+      found = self.resolve(step)
+      return restore(found), found
+    for found in sorted(self.all_steps(), reverse=True):
+      if why := self.damage(found):
+        _warn(f"checkpoint {found} in {self.directory} is damaged ({why}); skipping it.")
+        continue
+      try:
+        return restore(found), found
+      except DamagedCheckpointError as e:
+        _warn(f"checkpoint {found} in {self.directory} is damaged ({e.why}); using the "
+              "previous one.")
+    return restore(self.resolve(step)), None  # Raises, naming what is missing or damaged.
+
   def _set_aside(self, steps: list[int]):
     if not steps or jax.process_index() != 0:
       return

@@ -425,7 +425,8 @@ def load(workdir: str, step: int | str | None = None, *, mesh=None,
                      "--workdir of a trained run.")
   checkpoints = ckpt_lib.Checkpoints(directory, read_only=True)
   try:
-    params = lora_lib.load_params(workdir, checkpoints.resolve(step), abstract)  # LoRA: folded.
+    params, _ = checkpoints.load(  # LoRA: folded.
+        step, lambda n: lora_lib.load_params(workdir, n, abstract))
   finally:
     checkpoints.close()
   if stop_ids is None:

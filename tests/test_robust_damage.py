@@ -76,6 +76,20 @@ def test_a_step_whose_arrays_are_cut_short_is_an_error_naming_it(run):
   assert len(out.stderr.strip().splitlines()) == 1
 
 
+def test_readers_fall_back_from_a_latest_step_whose_arrays_are_cut_short(run):
+  from gptjax import evaluate, generate
+
+  damage(os.path.join(run, "checkpoints", "4"), "truncated_arrays")
+  metrics = evaluate.eval_workdir(run)
+  assert metrics["step"] == 2
+  generator, _ = generate.load(run)
+  assert generator is not None
+  out = gptjax("sample", "--workdir", run, "--prompt", "ROMEO:", "--max_new_tokens", "4")
+  assert out.returncode == 0, out.stderr
+  assert "checkpoint 4" in out.stderr and "is damaged" in out.stderr
+  assert os.path.isdir(os.path.join(run, "checkpoints", "4")), "never moved or deleted"
+
+
 @pytest.mark.parametrize("kind", ["truncated_arrays", "missing_metadata"])
 def test_a_resumed_run_falls_back_to_the_newest_intact_step(run, kind, tfds_data_dir, capfd):
   damage(os.path.join(run, "checkpoints", "4"), kind)
