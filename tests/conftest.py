@@ -142,6 +142,23 @@ def compile_programs(config, mesh):
   return steps.compile_programs(config, mesh)
 
 
+def train_steps(config, mesh, batch, steps: int):
+  """(final state, per-step metrics), both on the host: `steps` train steps of a fresh state
+  (seed 0) of `config` on `mesh`, each on the same `batch`."""
+  import jax
+
+  from gptjax import sharding
+
+  programs = compile_programs(config, mesh)
+  state = programs.init(jax.random.key(0))
+  batch = sharding.global_batch(batch, programs.batch_sharding)
+  history = []
+  for _ in range(steps):
+    state, metrics = programs.train_step(state, batch)
+    history.append(metrics)
+  return jax.device_get(state), jax.device_get(history)
+
+
 def run_stage(config, workdir, mesh=None, progress=False):
   """Resolves a ConfigDict's stage in `workdir` and trains it, as `gptjax train` does."""
   from gptjax import config as config_lib

@@ -6,10 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import compile_programs, make_mesh, tiny_config
+from conftest import compile_programs, make_mesh, tiny_config, train_steps
 
 from gptjax import config as config_lib
-from gptjax import sharding
 from gptjax import steps as steps_lib
 from gptjax.errors import UserError
 
@@ -26,14 +25,7 @@ def _batch(seed=0, batch=8, length=32, vocab=384):
 
 
 def _steps(config, mesh, steps=2):
-  programs = compile_programs(config, mesh)
-  state = programs.init(jax.random.key(0))
-  batch = sharding.global_batch(_batch(), programs.batch_sharding)
-  rows = []
-  for _ in range(steps):
-    state, metrics = programs.train_step(state, batch)
-    rows.append(jax.device_get(metrics))
-  return jax.device_get(state), rows
+  return train_steps(config, mesh, _batch(), steps)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

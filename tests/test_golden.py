@@ -6,12 +6,10 @@ later change keeps them within float32 tolerance, with whatever defaults gptjax 
 backend (the CPU flags of gptjax/host.py are on under pytest too).
 """
 
-import jax
 import numpy as np
 import pytest
-from conftest import compile_programs, make_mesh, tiny_config
+from conftest import make_mesh, tiny_config, train_steps
 
-from gptjax import sharding
 
 # Step i's metrics are taken before its update: index 0 is the freshly initialised model.
 GOLDEN = {
@@ -60,15 +58,7 @@ def run_golden(steps: int = 5, **model_overrides) -> dict:
   """Metrics of the first `steps` train steps of golden_config() on golden_batch()."""
   config = golden_config()
   config.model.update(model_overrides)
-  mesh = make_mesh()
-  programs = compile_programs(config, mesh)
-  state = programs.init(jax.random.key(0))
-  batch = sharding.global_batch(golden_batch(), programs.batch_sharding)
-  history = []
-  for _ in range(steps):
-    state, metrics = programs.train_step(state, batch)
-    history.append(metrics)
-  history = jax.device_get(history)
+  _, history = train_steps(config, make_mesh(), golden_batch(), steps)
   return {k: [float(m[k]) for m in history] for k in GOLDEN}
 
 
