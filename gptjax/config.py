@@ -60,6 +60,11 @@ def base_config() -> ml_collections.ConfigDict:
   lr.alpha = 16.0  # Adapters are scaled by alpha / rank.
   lr.dropout = 0.0  # Dropout on the adapters' input features (one mask a step; see lora.py).
   lr.targets = "q,v"  # Comma-separated, any of q, k, v, o (attention), mlp_in, mlp_out.
+  # Token rows that train beside the adapters (a delta on their embedding rows, and on their
+  # output-head columns when untied): "chat" (the tokenizer's system, user, assistant and end
+  # tokens, which pretraining never sees), "" (none) or comma-separated ids. A run records
+  # the ids its tokenizer gives "chat" in its config.json.
+  lr.train_tokens = "chat"
 
   c.host = h = ml_collections.ConfigDict()
   # Process-level settings, applied by the command line at start (gptjax/host.py).
@@ -151,6 +156,7 @@ def base_config() -> ml_collections.ConfigDict:
       ("layers", None),
       ("norm", None),
       ("lora_rank", None),
+      ("lora_tokens", None),
   )
   return c
 
@@ -291,6 +297,7 @@ class LoraConfig:
   alpha: float
   dropout: float
   targets: str
+  train_tokens: str
 
   def __post_init__(self):
     from gptjax import lora as lora_lib  # pylint: disable=import-outside-toplevel  (imports config)
@@ -300,10 +307,29 @@ class LoraConfig:
     names = self.target_names
     _check(bool(names) and all(n in lora_lib.TARGETS for n in names), "model.lora.targets",
            self.targets, f"comma-separated names from {tuple(lora_lib.TARGETS)}")
+    ids = [t.strip() for t in self.train_tokens.split(",") if t.strip()]
+    _check(self.train_tokens == lora_lib.CHAT_TOKENS
+           or (all(i.isdigit() for i in ids) and len(set(ids)) == len(ids)),
+           "model.lora.train_tokens", self.train_tokens,
+           f"{lora_lib.CHAT_TOKENS!r}, '' (none) or distinct comma-separated token ids")
 
   @property
   def target_names(self) -> tuple[str, ...]:
     return tuple(t.strip() for t in self.targets.split(",") if t.strip())
+
+  @property
+  def token_ids(self) -> tuple[int, ...]:
+    """The ids of the token rows that train (see gptjax/lora.py `token_ids`)."""
+    from gptjax import lora as lora_lib  # pylint: disable=import-outside-toplevel  (imports config)
+    return lora_lib.token_ids(self.train_tokens)
+
+  def pinned(self, tokenizer) -> "LoraConfig":
+    """A LoRA config with train_tokens as `tokenizer`'s ids: what a run records."""
+    if not self.rank:
+      return self
+    from gptjax import lora as lora_lib  # pylint: disable=import-outside-toplevel  (imports config)
+    ids = lora_lib.token_ids(self.train_tokens, tokenizer)
+    return dataclasses.replace(self, train_tokens=",".join(map(str, ids)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,6 +399,9 @@ class StageConfig:
              "the workdir of a trained base model: a LoRA stage (model.lora.rank > 0) adapts one")
       _check(self.train.trainable == "all", "train.trainable", self.train.trainable,
              "'all' with LoRA (only the adapters train)")
+      _check(all(i < self.model.vocab_size for i in self.lora.token_ids),
+             "model.lora.train_tokens", self.lora.train_tokens,
+             f"token ids below model.vocab_size={self.model.vocab_size}")
 
   def to_dict(self) -> dict:
     """The nested dict of every key (the shape of base_config().to_dict())."""
@@ -467,7 +496,11 @@ def to_json(config: StageConfig) -> str:
 
 def from_json(text: str) -> StageConfig:
   """Inverse of to_json."""
-  return stage_config(json.loads(text))
+  values = json.loads(text)
+  lora = values.get("model", {}).get("lora")
+  if isinstance(lora, dict):  # Written before model.lora.train_tokens: no token rows.
+    lora.setdefault("train_tokens", "")
+  return stage_config(values)
 
 
 # Keys whose change makes a checkpoint unusable: a workdir refuses a config that differs here.

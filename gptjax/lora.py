@@ -17,6 +17,16 @@ Adapters are nested like the base: adapters[block][module][kernel][part] = {"lor
 "lora_b"}, `part` naming a slice of a fused kernel ("q", "k", "v" of the fused qkv) or "all".
 Their logical axis names come from the base kernel's (its first input and first output axis)
 and "lora_rank", so they shard like the kernel they adapt.
+
+Token rows (`model.lora.train_tokens`, like PEFT's trainable_token_indices): tokens the base
+never saw in training (the chat tokens, for a base pretrained on plain text) keep embeddings
+that pretraining only pushed away from being predicted, all in nearly one direction, and no
+low-rank adapter on the blocks can tell <|user|> from <|assistant|> through them. So those
+rows train as a delta, adapters[TOKENS] = {"embedding": [N, D]} (plus {"head": [D, N]} for an
+untied output head; a tied head sees the embedding's rows), zero at init and added to the
+base's rows by `merge`, with the logical names "lora_tokens" and the embedding's "embed".
+`merge` is a pure function of (base, adapters) and folds everything: the train step, eval,
+sampling, serving, `gptjax merge` and `export-hf` all go through it.
 """
 
 import functools
@@ -34,6 +44,7 @@ from gptjax import checkpoint as ckpt_lib
 from gptjax import classify as classify_lib
 from gptjax import config as config_lib
 from gptjax import sharding
+from gptjax import tokenizer as tokenizer_lib
 from gptjax import workdir as workdir_lib
 from gptjax.errors import UserError
 
@@ -52,6 +63,17 @@ TARGETS = {
     "mlp_out": ((("mlp", "wo"), None, 1),),
 }
 WHOLE = "all"  # Part name of an adapter on a whole kernel.
+TOKENS = "token_rows"  # Top-level adapter entry of the trainable token rows.
+CHAT_TOKENS = "chat"  # model.lora.train_tokens naming the tokenizer's chat tokens.
+
+
+def token_ids(train_tokens: str, tokenizer=tokenizer_lib.Tokenizer) -> tuple[int, ...]:
+  """Ids `model.lora.train_tokens` names: "chat" is `tokenizer`'s system, user, assistant and
+  end tokens (by default gptjax's reserved layout; a run pins its own tokenizer's ids into its
+  config.json, as an imported tokenizer has them elsewhere)."""
+  if train_tokens == CHAT_TOKENS:
+    return (tokenizer.system_id, tokenizer.user_id, tokenizer.assistant_id, tokenizer.end_id)
+  return tuple(int(t) for t in train_tokens.split(",") if t.strip())
 
 
 def _blocks(params) -> list[tuple[str, int]]:
@@ -94,16 +116,21 @@ def _split_shape(shape, index, n_in, lead):
   return shape[:lead], rest[:n_in], out
 
 
-def init(rng, boxed_base, *, rank: int, targets: tuple[str, ...]):
+def _shape_names(boxed):
+  """(shape, dtype, logical names) of a boxed (nn.Partitioned) or plain parameter."""
+  if isinstance(boxed, nn.Partitioned):
+    return boxed.value.shape, boxed.value.dtype, tuple(boxed.names)
+  return boxed.shape, boxed.dtype, (None,) * len(boxed.shape)
+
+
+def init(rng, boxed_base, lora: config_lib.LoraConfig):
   """Boxed adapters (nn.Partitioned) for `boxed_base`'s shapes and names: A ~ N(0, 1/in),
-  B = 0, so the adapted model starts exactly at the base."""
+  B = 0 and token-row deltas 0, so the adapted model starts exactly at the base."""
+  rank = lora.rank
   adapters = {}
-  for i, (block, module, kernel, part, index, n_in, lead) in enumerate(sites(boxed_base,
-                                                                            targets)):
-    boxed = boxed_base[block][module][kernel]
-    names = boxed.names if isinstance(boxed, nn.Partitioned) else (None,) * len(boxed.shape)
-    shape = boxed.value.shape if isinstance(boxed, nn.Partitioned) else boxed.shape
-    dtype = boxed.value.dtype if isinstance(boxed, nn.Partitioned) else boxed.dtype
+  for i, (block, module, kernel, part, index, n_in, lead) in enumerate(
+      sites(boxed_base, lora.target_names)):
+    shape, dtype, names = _shape_names(boxed_base[block][module][kernel])
     lead_dims, in_dims, out_dims = _split_shape(shape, index, n_in, lead)
     d_in, d_out = math.prod(in_dims), math.prod(out_dims)
     lead_names = tuple(names[:lead])
@@ -115,6 +142,16 @@ def init(rng, boxed_base, *, rank: int, targets: tuple[str, ...]):
     entry = {"lora_a": nn.LogicallyPartitioned(a, names=(*lead_names, in_name, "lora_rank")),
              "lora_b": nn.LogicallyPartitioned(b, names=(*lead_names, "lora_rank", out_name))}
     adapters.setdefault(block, {}).setdefault(module, {}).setdefault(kernel, {})[part] = entry
+  n = len(lora.token_ids)
+  if n:
+    (_, d), dtype, (_, embed) = _shape_names(boxed_base["embedding"])
+    rows = {"embedding": nn.LogicallyPartitioned(jnp.zeros((n, d), dtype),
+                                                 names=("lora_tokens", embed))}
+    if "head" in boxed_base:  # Untied: the output columns of the same tokens.
+      (d, _), dtype, (embed, _) = _shape_names(boxed_base["head"])
+      rows["head"] = nn.LogicallyPartitioned(jnp.zeros((d, n), dtype),
+                                             names=(embed, "lora_tokens"))
+    adapters[TOKENS] = rows
   return adapters
 
 
@@ -128,18 +165,26 @@ def _layout(module: str, kernel: str, part: str) -> tuple[int | None, int]:
   raise KeyError(f"no LoRA target adapts {module}/{kernel} as {part!r}")
 
 
-def merge(base, adapters, *, rank: int, alpha: float, dropout: float = 0.0, rng=None):
-  """The base parameters with every adapter folded in: W + (alpha / rank) * A @ B.
+def merge(base, adapters, lora: config_lib.LoraConfig, rng=None):
+  """The base parameters with every adapter folded in: W + (alpha / rank) * A @ B, and the
+  token rows added to theirs.
 
   `rng` (training only) draws the adapter-input dropout masks (see the module docstring).
-  Exact at init: B = 0 adds zeros, so the result equals `base` bit for bit. Top-level
-  entries of `adapters` that are not blocks are new parameters that train beside the adapters
-  (a classification head): they are copied into the result as they are.
+  Exact at init: B = 0 and the row deltas add zeros, so the result equals `base` bit for bit.
+  Other top-level entries of `adapters` that the base lacks are new parameters that train
+  beside the adapters (a classification head): they are copied into the result as they are.
   """
-  scale = alpha / rank
+  scale, dropout = lora.alpha / lora.rank, lora.dropout
   merged = jax.tree.map(lambda x: x, base)  # New dicts; arrays shared until replaced.
   i = 0
   for block, modules in adapters.items():
+    if block == TOKENS:
+      ids = jnp.asarray(lora.token_ids, jnp.int32)
+      for name, delta in modules.items():
+        w = merged[name]
+        merged[name] = (w.at[ids].add(delta.astype(w.dtype)) if name == "embedding"
+                        else w.at[:, ids].add(delta.astype(w.dtype)))
+      continue
     if block not in base:
       merged[block] = modules
       continue
@@ -218,7 +263,7 @@ def load_params(workdir: str, step: int, abstract_params):
   base = load_params(*base_source(config, workdir),
                      {k: v for k, v in abstract_params.items() if k != classify_lib.HEAD})
   shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
-  fold = functools.partial(merge, rank=config.lora.rank, alpha=config.lora.alpha)
+  fold = functools.partial(merge, lora=config.lora)
   return jax.jit(fold, out_shardings=shardings)(base, adapters)
 
 

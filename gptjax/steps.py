@@ -143,8 +143,7 @@ def lora_train_step(state: TrainState, batch, base, *, model, lora: config_lib.L
   `loss_sums_fn` (default: the language-model loss) sees the merged parameters."""
 
   def merged_loss(adapters, b, rng, delta_BLD):
-    params = lora_lib.merge(base, adapters, rank=lora.rank, alpha=lora.alpha,
-                            dropout=lora.dropout, rng=jax.random.fold_in(rng, 1))
+    params = lora_lib.merge(base, adapters, lora, rng=jax.random.fold_in(rng, 1))
     if loss_sums_fn is not None:
       return loss_sums_fn(params, b, rng, delta_BLD)
     return _loss_sums(params, b, model=model, rng=rng, train=True, embed_delta_BLD=delta_BLD)
@@ -154,7 +153,7 @@ def lora_train_step(state: TrainState, batch, base, *, model, lora: config_lib.L
 
 def lora_eval_step(adapters, batch, base, *, lora: config_lib.LoraConfig, evaluate):
   """`evaluate` (an eval step) of the base with the adapters folded in."""
-  return evaluate(lora_lib.merge(base, adapters, rank=lora.rank, alpha=lora.alpha), batch)
+  return evaluate(lora_lib.merge(base, adapters, lora), batch)
 
 
 # ----------------------------------------------------------------------------- compiling
@@ -218,7 +217,7 @@ def compile_programs(config: config_lib.StageConfig, mesh: jax.sharding.Mesh) ->
 
   def init_boxed(rng):
     if lora.rank:
-      params = lora_lib.init(rng, base_boxed, rank=lora.rank, targets=lora.target_names)
+      params = lora_lib.init(rng, base_boxed, lora)
     else:
       params = model.init({"params": rng, "dropout": rng},
                           jnp.zeros((1, seq_len), jnp.int32))["params"]

@@ -150,7 +150,10 @@ def resolve(config: config_lib.StageConfig, workdir: str, *,
     raise UserError(f"{workdir} has checkpoints but no tokenizer.model; restore the file or "
                     "use a new --workdir.")
   if source_tokenizer:
-    _check_vocab(load_tokenizer_file(source_tokenizer), config, source_tokenizer)
+    tokenizer = load_tokenizer_file(source_tokenizer)
+    _check_vocab(tokenizer, config, source_tokenizer)
+    # A LoRA run records the ids of the token rows it trains: they depend on the tokenizer.
+    config = config.replace(lora=config.lora.pinned(tokenizer))
   elif config.model.vocab_size < tokenizer_lib.MIN_VOCAB_SIZE:  # A tokenizer will be trained.
     raise UserError(f"model.vocab_size={config.model.vocab_size} is too small to train a "
                     f"tokenizer: expected at least {tokenizer_lib.MIN_VOCAB_SIZE} (reserved and "

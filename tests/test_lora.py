@@ -1,5 +1,6 @@
 """LoRA adapters (gptjax/lora.py): exact start, frozen base, merge, checkpoints, memory."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -40,20 +41,25 @@ def _batch(seed=0, rows=8, length=32, vocab=384):
           "weights": np.ones((rows, length), np.float32)}
 
 
-def _programs_and_base(mesh, **model):
-  config = config_lib.stage_config(_lora_config(**model))
+def _programs_and_base(mesh, train_tokens="chat", **model):
+  c = _lora_config(**model)
+  c.model.lora.train_tokens = train_tokens
+  config = config_lib.stage_config(c)
   programs = compile_programs(config, mesh)
   plain = compile_programs(config.replace(lora={"rank": 0}), mesh)
   base = plain.init(jax.random.key(1)).params
   return config, programs.with_base(base), plain, base
 
 
-@pytest.mark.parametrize("model", [{}, {"scan_layers": True}, {"num_kv_heads": 1}],
-                         ids=["blocks", "scanned", "grouped_query"])
+@pytest.mark.parametrize("model", [{}, {"scan_layers": True}, {"num_kv_heads": 1},
+                                   {"tie_embeddings": False}],
+                         ids=["blocks", "scanned", "grouped_query", "untied"])
 def test_step_zero_is_exactly_the_base_model(model):
-  _, programs, plain, base = _programs_and_base(make_mesh(), **model)
+  config, programs, plain, base = _programs_and_base(make_mesh(), **model)
   adapters = programs.init(jax.random.key(0)).params
-  merged = lora_lib.merge(base, adapters, rank=4, alpha=8.0)
+  rows = {"embedding"} | ({"head"} if "head" in base else set())
+  assert set(adapters[lora_lib.TOKENS]) == rows
+  merged = lora_lib.merge(base, adapters, config.lora)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), merged, base)
   tokens = jnp.asarray(_batch()["inputs"])
   np.testing.assert_array_equal(programs.model.apply({"params": merged}, tokens),
@@ -61,17 +67,17 @@ def test_step_zero_is_exactly_the_base_model(model):
   if model.get("num_kv_heads"):  # Separate q and kv kernels: v adapts kv's second slice only.
     assert set(adapters["block_0"]["attn"]) == {"q", "kv", "out"}
     moved = jax.tree.map(lambda x: x + 0.1, adapters)
-    kv = lora_lib.merge(base, moved, rank=4, alpha=8.0)["block_0"]["attn"]["kv"]
+    kv = lora_lib.merge(base, moved, config.lora)["block_0"]["attn"]["kv"]
     assert not np.array_equal(kv[:, 1], base["block_0"]["attn"]["kv"][:, 1])
 
 
 def test_merge_equals_the_unmerged_low_rank_path():
   """x @ (W + s A B) for a fused-qkv slice and a two-input-axis kernel equals x @ W + s x A B."""
-  _, programs, _, base = _programs_and_base(make_mesh())
+  config, programs, _, base = _programs_and_base(make_mesh())
   adapters = programs.init(jax.random.key(0)).params
   adapters = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape),
                           adapters)  # B nonzero.
-  merged = lora_lib.merge(base, adapters, rank=4, alpha=8.0)
+  merged = lora_lib.merge(base, adapters, config.lora)
   s = 8.0 / 4
   x_RD = jax.random.normal(jax.random.key(3), (5, 32))
   qkv, ab = base["block_1"]["attn"]["qkv"], adapters["block_1"]["attn"]["qkv"]["k"]
@@ -85,6 +91,13 @@ def test_merge_equals_the_unmerged_low_rank_path():
           + s * h_RHK.reshape(5, -1) @ ab["lora_a"] @ ab["lora_b"])
   got = jnp.einsum("RHK,HKD->RD", h_RHK, merged["block_0"]["attn"]["out"])
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # Token rows: the chat tokens' embedding rows move by their delta, no other row moves.
+  ids = np.asarray(config.lora.token_ids)
+  assert list(ids) == [4, 5, 6, 7]
+  np.testing.assert_array_equal(merged["embedding"][ids], base["embedding"][ids]
+                                + adapters[lora_lib.TOKENS]["embedding"])
+  others = np.setdiff1d(np.arange(base["embedding"].shape[0]), ids)
+  np.testing.assert_array_equal(merged["embedding"][others], base["embedding"][others])
 
 
 def test_only_adapters_train_and_optimizer_state_is_adapter_shaped():
@@ -97,9 +110,11 @@ def test_only_adapters_train_and_optimizer_state_is_adapter_shaped():
     state, _ = programs.train_step(state, batch)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(base), before)
   after = jax.device_get(state.params)
-  b_moved = [np.abs(a["lora_b"]).max() for m in after.values() for k in m.values()
-             for p in k.values() for a in p.values()]
+  b_moved = [np.abs(a["lora_b"]).max() for name, m in after.items() if name != lora_lib.TOKENS
+             for k in m.values() for p in k.values() for a in p.values()]
   assert min(b_moved) > 0, "every adapter's B should have left zero"
+  assert np.abs(after[lora_lib.TOKENS]["embedding"]).max(axis=1).min() > 0, \
+      "every token row's delta should have left zero"
   assert not np.array_equal(after["block_0"]["attn"]["qkv"]["q"]["lora_a"],
                             start["block_0"]["attn"]["qkv"]["q"]["lora_a"])
   adapter_shapes = {x.shape for x in jax.tree.leaves(after)}
@@ -225,18 +240,19 @@ def test_lora_classification_trains_the_adapters_and_a_new_head():
 
 
 def test_dropout_drops_whole_input_features_of_the_adapter_path():
-  _, programs, _, base = _programs_and_base(make_mesh())
+  config, programs, _, base = _programs_and_base(make_mesh())
   adapters = programs.init(jax.random.key(0)).params
   adapters = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape),
                           adapters)
-  fold = functools.partial(lora_lib.merge, base, adapters, rank=4, alpha=8.0)
-  full = fold()["block_0"]["mlp"]["wi"] - base["block_0"]["mlp"]["wi"]  # [D, F]
-  dropped = fold(dropout=0.5, rng=jax.random.key(5))["block_0"]["mlp"]["wi"] \
+  lora = dataclasses.replace(config.lora, dropout=0.5)
+  fold = functools.partial(lora_lib.merge, base, adapters)
+  full = fold(config.lora)["block_0"]["mlp"]["wi"] - base["block_0"]["mlp"]["wi"]  # [D, F]
+  dropped = fold(lora, rng=jax.random.key(5))["block_0"]["mlp"]["wi"] \
       - base["block_0"]["mlp"]["wi"]
   # Each input row of the delta is either gone or scaled by 1 / (1 - rate).
   kept = np.abs(np.asarray(dropped)).sum(1) > 0
   assert 0 < kept.sum() < len(kept)
   np.testing.assert_allclose(dropped[kept], 2 * full[kept], rtol=1e-4, atol=1e-6)
   # No rng (evaluation): no dropout.
-  np.testing.assert_array_equal(fold(dropout=0.5)["block_0"]["mlp"]["wi"],
-                                fold()["block_0"]["mlp"]["wi"])
+  np.testing.assert_array_equal(fold(lora)["block_0"]["mlp"]["wi"],
+                                fold(config.lora)["block_0"]["mlp"]["wi"])

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from gptjax import checkpoint as ckpt_lib
+from gptjax import lora as lora_lib
 from gptjax import model as model_lib
 from gptjax import sharding
 from gptjax import workdir as workdir_lib
@@ -41,16 +42,17 @@ def family_for(m: model_lib.ModelConfig):
 
 
 def restore_params(workdir: str, step, mesh=None):
-  """(config, unscanned parameters) of checkpoint `step` of `workdir`."""
+  """(config, unscanned parameters) of checkpoint `step` of `workdir`; a LoRA run's with its
+  adapters folded into its base (the export holds merged weights)."""
   config = workdir_lib.read_config(workdir)
   mesh = mesh or sharding.make_mesh(config.mesh.sizes)
   shapes, shardings = importer.abstract_params(config, mesh)
   checkpoints = ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True)
   try:
-    params = checkpoints.restore_params(checkpoints.resolve(step),
-                                        ckpt_lib.abstract_like(shapes, shardings))
+    step = checkpoints.resolve(step)
   finally:
     checkpoints.close()
+  params = lora_lib.load_params(workdir, step, ckpt_lib.abstract_like(shapes, shardings))
   if config.model.scan_layers:
     params = model_lib.unstack_layers(params)
   return config, params
