@@ -5,10 +5,12 @@ import functools
 import json
 import os
 
+import httpx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 from conftest import compile_programs, gptjax, make_mesh, run_stage, tiny_config
 
 from gptjax import config as config_lib
@@ -19,6 +21,8 @@ from gptjax import sharding
 from gptjax import workdir as workdir_lib
 from gptjax.bench import memory as memory_bench
 from gptjax.errors import UserError
+from gptjax.hf import exporter
+from gptjax.serve import server as server_lib
 
 ALL_TARGETS = "q,k,v,o,mlp_in,mlp_out"
 
@@ -41,9 +45,10 @@ def _batch(seed=0, rows=8, length=32, vocab=384):
           "weights": np.ones((rows, length), np.float32)}
 
 
-def _programs_and_base(mesh, train_tokens="chat", **model):
+def _programs_and_base(mesh, train_tokens="chat", steps=4, **model):
   c = _lora_config(**model)
   c.model.lora.train_tokens = train_tokens
+  c.train.steps = steps
   config = config_lib.stage_config(c)
   programs = compile_programs(config, mesh)
   plain = compile_programs(config.replace(lora={"rank": 0}), mesh)
@@ -152,25 +157,39 @@ def test_config_json_round_trips_the_lora_keys():
   assert again == config and json.loads(config_lib.to_json(config))["model"]["lora"]["rank"] == 4
 
 
-@pytest.mark.slow
-def test_lora_stage_trains_resumes_merges_and_serves(tmp_path, trained_workdir, tfds_data_dir):
-  """A LoRA stage on a trained base: resume is exact, restores onto another mesh, the base
-  workdir is untouched, and eval/sample on the LoRA workdir equal the merged workdir's."""
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, trained_workdir, tfds_data_dir):
+  """(a LoRA workdir trained 4 steps on the trained base, its `merge`, merge's JSON, the
+  base's checkpoint files with their times before the LoRA run)."""
   base_ckpt = os.path.join(trained_workdir, "checkpoints")
   base_files = {f: os.path.getmtime(os.path.join(base_ckpt, f)) for f in os.listdir(base_ckpt)}
+  root = tmp_path_factory.mktemp("lora_run")
+  whole, merged = root / "whole", root / "merged"
+  run_stage(_lora_config(trained_workdir, tfds_data_dir), whole, mesh=make_mesh(data=2))
+  out = gptjax("merge", "--workdir", whole, "--out", merged, "--json", check=True)
+  return str(whole), str(merged), json.loads(out.stdout), base_files
+
+
+@pytest.mark.slow
+def test_lora_stage_trains_resumes_merges_and_serves(tmp_path, trained_workdir, tfds_data_dir,
+                                                     lora_run):
+  """A LoRA stage on a trained base: resume is exact, restores onto another mesh, the base
+  workdir is untouched, and eval/sample on the LoRA workdir equal the merged workdir's."""
   config = _lora_config(trained_workdir, tfds_data_dir)
-  whole, split = tmp_path / "whole", tmp_path / "split"
-  run_stage(config, whole, mesh=make_mesh(data=2))
+  whole, merged, merge_info, base_files = lora_run
+  base_ckpt = os.path.join(trained_workdir, "checkpoints")
+  split = tmp_path / "split"
   config.train.steps = 2
   run_stage(config, split, mesh=make_mesh(data=2))
   config.train.steps = 4
   run_stage(config, split, mesh=make_mesh(fsdp=2, tensor=2))  # Resumed on another mesh.
-  stage = workdir_lib.read_config(str(whole))
+  stage = workdir_lib.read_config(whole)
   assert stage.init_from == trained_workdir and stage.lora.rank == 4
+  assert stage.lora.train_tokens == "4,5,6,7"  # "chat", pinned to the tokenizer's ids.
 
   abstract = compile_programs(stage.replace(lora={"rank": 0}),
                               make_mesh(data=2)).abstract_state().params
-  a = lora_lib.load_params(str(whole), 4, abstract)
+  a = lora_lib.load_params(whole, 4, abstract)
   b = lora_lib.load_params(str(split), 4, abstract)
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), a, b)
   base = lora_lib.load_params(trained_workdir, int(stage.init_from_step),
@@ -179,22 +198,43 @@ def test_lora_stage_trains_resumes_merges_and_serves(tmp_path, trained_workdir, 
   assert {f: os.path.getmtime(os.path.join(base_ckpt, f)) for f in os.listdir(base_ckpt)} \
       == base_files
 
-  merged = tmp_path / "merged"
-  out = gptjax("merge", "--workdir", whole, "--out", merged, "--json", check=True)
-  assert json.loads(out.stdout)["step"] == 4
-  assert workdir_lib.read_config(str(merged)).lora.rank == 0
-  lora_eval = evaluate_lib.eval_workdir(str(whole), mesh=make_mesh())
-  merged_eval = evaluate_lib.eval_workdir(str(merged), mesh=make_mesh())
+  assert merge_info["step"] == 4
+  assert workdir_lib.read_config(merged).lora.rank == 0
+  lora_eval = evaluate_lib.eval_workdir(whole, mesh=make_mesh())
+  merged_eval = evaluate_lib.eval_workdir(merged, mesh=make_mesh())
   assert lora_eval["loss"] == pytest.approx(merged_eval["loss"], rel=1e-6)
   assert gptjax("merge", "--workdir", whole, "--out", merged).returncode == 1  # Exists.
 
   sampling = generate_lib.Sampling(max_new_tokens=8, temperature=0.0)
   texts = []
   for path in (whole, merged):
-    generator, tokenizer = generate_lib.load(str(path), mesh=make_mesh())
+    generator, tokenizer = generate_lib.load(path, mesh=make_mesh())
     texts.append(generator.generate([[tokenizer.bos_id, *tokenizer.encode("ROMEO:")]],
                                     sampling)[0].tokens)
   assert texts[0] == texts[1]
+
+
+@pytest.mark.slow
+def test_serve_and_export_hf_take_a_lora_workdir(lora_run, tmp_path):
+  """The server answers from a LoRA workdir as from its merge, and export-hf writes the
+  merged weights (the same tensors as exporting the merge)."""
+  whole, merged, _, _ = lora_run
+  replies, tensors = [], []
+  for path in (whole, merged):
+    app, _ = server_lib.build(path, max_batch=8)
+    with server_lib.background(app) as url:
+      response = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+          "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 8,
+          "temperature": 0})
+    assert response.status_code == 200, response.text
+    replies.append(response.json()["choices"][0]["message"]["content"])
+    out = tmp_path / os.path.basename(path)
+    exporter.export_hf(path, str(out))
+    tensors.append(safetensors.numpy.load_file(out / "model.safetensors"))
+  assert replies[0] == replies[1]
+  assert tensors[0].keys() == tensors[1].keys()
+  for name, value in tensors[0].items():
+    np.testing.assert_array_equal(value, tensors[1][name], err_msg=name)
 
 
 def test_changed_base_tokenizer_is_refused(tmp_path, trained_workdir):
@@ -256,3 +296,37 @@ def test_dropout_drops_whole_input_features_of_the_adapter_path():
   # No rng (evaluation): no dropout.
   np.testing.assert_array_equal(fold(lora)["block_0"]["mlp"]["wi"],
                                 fold(config.lora)["block_0"]["mlp"]["wi"])
+
+
+@pytest.mark.parametrize("train_tokens", ["chat", ""])
+def test_token_rows_learn_what_frozen_chat_embeddings_cannot(train_tokens):
+  """A base whose chat-token rows all collapsed to one vector (as pretraining without chat
+  tokens leaves them) cannot tell <|user|> from <|assistant|>: with identical inputs the
+  adapters alone give both the same logits, so a task whose answer depends on which one came
+  stays at log 2 or above. The token rows' delta separates them."""
+  config, programs, _, base = _programs_and_base(make_mesh(), train_tokens=train_tokens,
+                                                 steps=25)
+  embedding = 20 * base["embedding"]  # A trained model's scale: the tied head can fit the task.
+  base = {**base, "embedding": embedding.at[4:8].set(embedding[4])}
+  programs = programs.with_base(base)
+  batch = _batch(rows=8)
+  at = 10
+  marker = np.where(np.arange(8) % 2, 6, 5)  # <|assistant|> in odd rows, <|user|> in even.
+  batch["inputs"] = np.repeat(batch["inputs"][:1], 8, axis=0)  # Identical but for the marker.
+  batch["inputs"][:, at] = marker
+  batch["targets"] = np.repeat(batch["targets"][:1], 8, axis=0)
+  batch["targets"][:, at] = np.where(marker == 5, 100, 200)
+  batch["weights"] = np.zeros_like(batch["weights"])
+  batch["weights"][:, at] = 1.0
+  state = programs.init(jax.random.key(0))
+  batch = sharding.global_batch(batch, programs.batch_sharding)
+  for _ in range(25):
+    state, metrics = programs.train_step(state, batch)
+  loss = float(programs.eval_step(state.params, batch)["loss_sum"]) / 8
+  logits = programs.model.apply({"params": lora_lib.merge(base, state.params, config.lora)},
+                                batch["inputs"][:2])[:, at]
+  if train_tokens:
+    assert loss < 0.45, f"the chat tokens' rows should have learned the task (loss {loss})"
+  else:
+    np.testing.assert_array_equal(logits[0], logits[1])
+    assert loss >= np.log(2) - 1e-4, f"identical inputs cannot beat log 2 (loss {loss})"
