@@ -179,11 +179,7 @@ def merge(base, adapters, lora: config_lib.LoraConfig, rng=None):
   i = 0
   for block, modules in adapters.items():
     if block == TOKENS:
-      ids = jnp.asarray(lora.token_ids, jnp.int32)
-      for name, delta in modules.items():
-        w = merged[name]
-        merged[name] = (w.at[ids].add(delta.astype(w.dtype)) if name == "embedding"
-                        else w.at[:, ids].add(delta.astype(w.dtype)))
+      merged.update(_fold_rows(merged, modules, lora.token_ids))
       continue
     if block not in base:
       merged[block] = modules
@@ -209,6 +205,18 @@ def merge(base, adapters, lora: config_lib.LoraConfig, rng=None):
             w = w.at[(slice(None),) * (lead + len(in_dims)) + (index,)].add(delta)
         merged[block][module][kernel] = w
   return merged
+
+
+def _fold_rows(params, rows, ids: tuple[int, ...]) -> dict:
+  """The embedding (and untied head) with the token rows' deltas added at `ids`."""
+  ids = jnp.asarray(ids, jnp.int32)
+  out = {}
+  for name, delta in rows.items():
+    w = params[name]
+    # The embedding is [V, D] and the head [D, V]: the vocabulary axis comes first or last.
+    index = (ids,) if name == "embedding" else (slice(None), ids)
+    out[name] = w.at[index].add(delta.astype(w.dtype))
+  return out
 
 
 def count(adapters) -> int:

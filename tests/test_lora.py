@@ -149,12 +149,34 @@ def test_bad_lora_config_is_a_clear_error():
   c.train.trainable = "top:1"
   with pytest.raises(UserError, match="train.trainable"):
     config_lib.stage_config(c)
+  for tokens in ("chat,5", "5,5", "4,9999"):
+    c = _lora_config()
+    c.model.lora.train_tokens = tokens
+    with pytest.raises(UserError, match="model.lora.train_tokens"):
+      config_lib.stage_config(c)
 
 
 def test_config_json_round_trips_the_lora_keys():
   config = config_lib.stage_config(_lora_config())
   again = config_lib.from_json(config_lib.to_json(config))
   assert again == config and json.loads(config_lib.to_json(config))["model"]["lora"]["rank"] == 4
+  # A config.json from before model.lora.train_tokens: its adapters have no token rows.
+  old = json.loads(config_lib.to_json(config))
+  del old["model"]["lora"]["train_tokens"]
+  assert config_lib.from_json(json.dumps(old)).lora.token_ids == ()
+
+
+def test_a_run_pins_the_chat_tokens_of_its_tokenizer():
+  """An imported tokenizer has its chat tokens elsewhere: "chat" is pinned to its ids."""
+
+  class Imported:
+    system_id, user_id, assistant_id, end_id = 380, 381, 382, 383
+
+  lora = config_lib.stage_config(_lora_config()).lora
+  assert lora.token_ids == (4, 5, 6, 7)  # gptjax's reserved layout until pinned.
+  assert lora.pinned(Imported).train_tokens == "380,381,382,383"
+  assert lora.pinned(Imported).pinned(Imported) == lora.pinned(Imported)
+  assert dataclasses.replace(lora, rank=0).pinned(Imported).train_tokens == "chat"
 
 
 @pytest.fixture(scope="module")
