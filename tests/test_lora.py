@@ -343,7 +343,7 @@ def test_token_rows_learn_what_frozen_chat_embeddings_cannot(train_tokens):
   state = programs.init(jax.random.key(0))
   batch = sharding.global_batch(batch, programs.batch_sharding)
   for _ in range(25):
-    state, metrics = programs.train_step(state, batch)
+    state, _ = programs.train_step(state, batch)
   loss = float(programs.eval_step(state.params, batch)["loss_sum"]) / 8
   logits = programs.model.apply({"params": lora_lib.merge(base, state.params, config.lora)},
                                 batch["inputs"][:2])[:, at]
