@@ -288,7 +288,7 @@ def test_lora_classification_trains_the_adapters_and_a_new_head():
   base = plain.init(jax.random.key(1)).params
   programs = programs.with_base(base)
   state = programs.init(jax.random.key(0))
-  assert set(state.params) == {"block_0", "block_1", "classifier"}
+  assert set(state.params) == {"block_0", "block_1", "classifier", lora_lib.TOKENS}
   head = jax.device_get(state.params["classifier"]["kernel"])
   batch = _batch()
   batch["targets"] = np.repeat(np.arange(8)[:, None] % 3, 32, axis=1).astype(np.int32)
