@@ -172,6 +172,11 @@ TOKENIZER_TYPES = ("bpe", "unigram")
 ADVERSARIAL = ("none", "fgm")
 
 
+def metric_sign(metric: str) -> float:
+  """+1 if a lower value of eval metric `metric` is better, -1 if a higher one is."""
+  return -1.0 if metric in HIGHER_IS_BETTER else 1.0
+
+
 def _check(ok: bool, key: str, value, expected: str):
   """Raises a one-line UserError naming the key unless `ok`."""
   if not ok:
@@ -295,8 +300,7 @@ class TrainConfig:
 
   @property
   def early_stop_sign(self) -> float:
-    """+1 if a lower early_stop_metric is better, -1 if a higher one is."""
-    return -1.0 if self.early_stop_metric in HIGHER_IS_BETTER else 1.0
+    return metric_sign(self.early_stop_metric)
 
 
 @dataclasses.dataclass(frozen=True)
