@@ -227,3 +227,15 @@ def test_early_stopping_on_accuracy_stops_and_keeps_the_most_accurate(tmp_path,
     checkpoints.close()
   again = run_stage(config, workdir, mesh=make_mesh(data=2))
   assert again.stopped_early and int(again.state.step) == 4, "a rerun stays stopped"
+
+
+def test_the_report_judges_early_stopping_by_the_same_metric():
+  from gptjax import report
+
+  rows = [{"step": s, "split": "eval", "loss": loss, "accuracy": accuracy}
+          for s, loss, accuracy in [(1, 1.0, 0.8), (2, 0.9, 0.7), (3, 0.8, 0.6)]]
+  config = {"train.steps": 10, "train.patience": 2, "train.early_stop_metric": "accuracy"}
+  assert "stopped early at step 3 of 10 (2 evals without a new best)" in report._stage_status(
+      "classify", config, rows, None)
+  config["train.early_stop_metric"] = "loss"
+  assert "not finished" in report._stage_status("classify", config, rows, None)
