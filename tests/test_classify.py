@@ -239,3 +239,23 @@ def test_the_report_judges_early_stopping_by_the_same_metric():
       "classify", config, rows, None)
   config["train.early_stop_metric"] = "loss"
   assert "not finished" in report._stage_status("classify", config, rows, None)
+
+
+def test_best_checkpoint_of_a_run_saved_before_early_stop_metric_is_its_lowest_eval_loss(
+    tmp_path):
+  import orbax.checkpoint as ocp
+
+  checkpoints = ckpt_lib.Checkpoints(str(tmp_path / "checkpoints"), max_to_keep=1)
+  try:
+    for step, metrics in [(1, {"eval_loss": 2.0}), (2, {"eval_loss": 1.0}),
+                          (3, {"eval_loss": 1.5}), (4, None)]:
+      # How runs saved their metrics before `objective`.
+      state = ocp.args.PyTreeSave({"x": np.full(2, step, np.float32)})
+      checkpoints.manager.save(step, args=ocp.args.Composite(state=state), metrics=metrics)
+    checkpoints.wait()
+    assert checkpoints.resolve("best") == 2
+    checkpoints.save(5, {"x": np.zeros(2, np.float32)}, objective=0.5)
+    checkpoints.wait()
+    assert checkpoints.resolve("best") == 5
+  finally:
+    checkpoints.close()
