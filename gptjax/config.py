@@ -120,7 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Also checkpoint at the first logging step this many minutes after the last save, so a hard
   # kill loses at most about that much work; 0 disables.
   tr.save_every_minutes = 0.0
-  tr.max_to_keep = 3  # Latest checkpoints kept in the workdir (plus the best, early_stop_metric).
+  tr.max_to_keep = 3  # Latest checkpoints kept in the workdir (plus the best by early_stop_metric).
   tr.trainable = "all"  # "all", "no_embed" (freeze embeddings) or "top:N" (top N blocks + head).
   tr.patience = 0  # Stop after this many evals without a better early_stop_metric; 0 never stops.
   # The eval metric that patience and the "best" checkpoint follow: "loss" or another eval
@@ -297,10 +297,6 @@ class TrainConfig:
            f"one of {ADVERSARIAL}")
     _check(self.adversarial_epsilon >= 0, "train.adversarial_epsilon",
            self.adversarial_epsilon, "0 or more")
-
-  @property
-  def early_stop_sign(self) -> float:
-    return metric_sign(self.early_stop_metric)
 
 
 @dataclasses.dataclass(frozen=True)

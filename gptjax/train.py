@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 
 from gptjax import checkpoint as ckpt_lib
 from gptjax import classify as classify_lib
+from gptjax import config as config_lib
 from gptjax import datasets
 from gptjax import evaluate as evaluate_lib
 from gptjax import lora as lora_lib
@@ -139,8 +140,8 @@ class EarlyStopping:
   """Counts evaluations since the best value of train.early_stop_metric; rebuilt from
   metrics.jsonl on resume. `objective` is the metric signed so that lower is better."""
 
-  def __init__(self, patience: int, metric: str, sign: float, eval_rows: list[dict]):
-    self.patience, self.metric, self.sign = patience, metric, sign
+  def __init__(self, patience: int, metric: str, eval_rows: list[dict]):
+    self.patience, self.metric, self.sign = patience, metric, config_lib.metric_sign(metric)
     self.best, self.since = math.inf, 0
     for row in eval_rows:
       if metric in row:  # Rows written under another early_stop_metric may lack it.
@@ -234,7 +235,7 @@ def _train(stage, mesh, progress, lock, started) -> TrainResult:
   writer = metrics_lib.MetricsWriter(workdir, stage=config.stage, primary=primary)
   state, start = _start_state(stage, programs, checkpoints, train_iter)
   writer.truncate_after(start)
-  stopper = EarlyStopping(t.patience, t.early_stop_metric, t.early_stop_sign,
+  stopper = EarlyStopping(t.patience, t.early_stop_metric,
                           [r for r in metrics_lib.read_rows(writer.path) if r["split"] == "eval"])
 
   bar = tqdm.tqdm(total=t.steps, initial=start, disable=not (progress and primary),

@@ -194,7 +194,8 @@ def test_early_stop_metric_must_be_one_the_stage_reports():
     config_lib.stage_config(c)
   c.data.kind = "classify"
   c.classify.labels = "a,b"
-  assert config_lib.stage_config(c).train.early_stop_sign == -1.0  # Higher is better.
+  assert config_lib.stage_config(c).train.early_stop_metric == "accuracy"
+  assert config_lib.metric_sign("accuracy") == -1.0  # Higher is better.
   c.train.early_stop_metric = "assistant_loss"
   with pytest.raises(UserError, match="train.early_stop_metric"):
     config_lib.stage_config(c)
