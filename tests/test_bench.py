@@ -1,5 +1,6 @@
 """The train benchmark: FLOP counts, datasheet peaks, its JSON report, the PyTorch reference."""
 
+import gc
 import importlib.util
 import json
 
@@ -102,6 +103,10 @@ def test_train_benchmark_reports_throughput_and_mfu():
   assert report["weight_matmul_ms"] > 0 and report["weight_matmul_share"] == pytest.approx(
       report["weight_matmul_ms"] / report["step_ms"], abs=1e-3)
   assert report["recompiles"] == 0 and report["attention"] == "chunked"
+  for name in ("step_ms", "loop_step_ms"):  # Outliers are reported beside the median.
+    assert 0 < report[f"{name}_min"] <= report[name] <= report[f"{name}_p90"] <= report[
+        f"{name}_max"]
+  assert report["loop_ratio"] > 0 and len(report["gc_collections"]) == 3
   assert "torch" not in report
   json.dumps(report)  # One printable JSON object.
 
@@ -130,6 +135,41 @@ def test_torch_is_timed_before_and_after_gptjax_and_compared_with_their_mean(mon
   assert events.count("gptjax") == 1 + 1 + 2 + 2  # First, warm-up, timed, loop.
   assert report["torch"]["tokens_per_sec_runs"] == [1e6, 3e6]
   assert report["ratio_to_torch"] == pytest.approx(report["tokens_per_sec"] / 2e6, abs=1e-3)
+
+
+def test_synchronised_and_back_to_back_steps_alternate_in_rounds(monkeypatch):
+  events = []
+  compile_programs = steps_lib.compile_programs
+  real_block = jax.block_until_ready
+
+  def spied(*args, **kwargs):
+    programs = compile_programs(*args, **kwargs)
+    step = programs.train_step
+    programs.train_step = lambda *a: events.append("step") or step(*a)
+    return programs
+
+  monkeypatch.setattr(steps_lib, "compile_programs", spied)
+  monkeypatch.setattr(jax, "block_until_ready", lambda x: events.append("wait") or real_block(x))
+  monkeypatch.setattr(bench_train, "ROUND", 2)
+  report = bench_train.train(config_lib.stage_config(tiny_config()), steps=3, warmup=0,
+                             torch="off")
+  timed = "".join("s" if e == "step" else "w" for e in events)[2:]  # After the first step.
+  # Rounds of 2 then 1: synchronised steps (step, wait), then back-to-back ones, each waited
+  # for once the next is dispatched, the last at the end (step, step, wait, wait).
+  assert timed.startswith("swsw" + "ssww" + "sw" + "sw")
+  assert report["steps"] == 3 and report["loop_step_ms"] > 0
+
+
+def test_step_time_stats_and_gc_pauses():
+  stats = bench_train.step_time_stats("step_ms", [0.1] * 9 + [1.0])
+  assert stats == {"step_ms": 100.0, "step_ms_p90": 190.0, "step_ms_min": 100.0,
+                   "step_ms_max": 1000.0}
+  with probes.gc_pauses() as pauses:
+    gc.collect()
+    gc.collect(0)
+  assert [g for g, _ in pauses] == [2, 0] and all(s >= 0 for _, s in pauses)
+  assert bench_train.gc_stats(pauses)["gc_collections"] == [1, 0, 1]
+  assert bench_train.gc_stats([])["gc_ms_max"] == 0
 
 
 def test_memory_bandwidth_is_the_faster_of_reading_and_copying(monkeypatch):

@@ -4,6 +4,7 @@ compilations and timing calls.
 """
 
 import contextlib
+import gc
 import time
 
 import jax
@@ -46,6 +47,26 @@ def count_compiles():
     yield count
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@contextlib.contextmanager
+def gc_pauses():
+  """Times Python's garbage collections inside the block: yields a list of (generation,
+  seconds), one a collection. A collection stops the dispatching thread; a full one walks
+  every tracked object (millions once jax and its dependencies are imported)."""
+  pauses, started = [], []
+
+  def callback(phase: str, info: dict):
+    if phase == "start":
+      started.append(time.perf_counter())
+    elif started:
+      pauses.append((info["generation"], time.perf_counter() - started.pop()))
+
+  gc.callbacks.append(callback)
+  try:
+    yield pauses
+  finally:
+    gc.callbacks.remove(callback)
 
 
 def best_seconds(fn, repeats: int) -> float:

@@ -30,6 +30,26 @@ from gptjax.bench import probes
 from gptjax.errors import UserError
 
 
+# Synchronised and back-to-back steps alternate in rounds of this many steps.
+ROUND = 5
+
+
+def step_time_stats(name: str, seconds: list[float]) -> dict:
+  """{name: median, name_p90, name_min, name_max} of step times, in milliseconds."""
+  ms = np.asarray(seconds) * 1000
+  return {name: round(float(np.median(ms)), 2),
+          f"{name}_p90": round(float(np.percentile(ms, 90)), 2),
+          f"{name}_min": round(float(ms.min()), 2), f"{name}_max": round(float(ms.max()), 2)}
+
+
+def gc_stats(pauses: list[tuple[int, float]]) -> dict:
+  """Python's garbage collections during the timed steps: how many of each generation, their
+  total and longest pause in milliseconds."""
+  return {"gc_collections": [sum(g == gen for g, _ in pauses) for gen in range(3)],
+          "gc_ms_total": round(1000 * sum(s for _, s in pauses), 2),
+          "gc_ms_max": round(1000 * max((s for _, s in pauses), default=0.0), 2)}
+
+
 def random_batch(config: config_lib.StageConfig, rows: int, seed: int = 0) -> dict:
   """`rows` rows of uniformly random tokens, one document a row: speed ignores the text."""
   length, vocab = config.data.seq_len, config.model.vocab_size
@@ -103,24 +123,45 @@ def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
     jax.block_until_ready((state, metrics))
     return metrics
 
+  def loop_steps(count: int) -> tuple[list[float], float]:
+    """`count` steps dispatched back to back, as the train loop runs them: (the intervals
+    between their completions, the seconds from the first dispatch to the last completion).
+    Each step is waited for only once the next one is dispatched, so the device never waits
+    for the host, and the intervals are the loop's own step times."""
+    nonlocal state
+    start = time.perf_counter()
+    done, intervals, previous = start, [], None
+    for _ in range(count):
+      state, metrics = programs.train_step(state, batch)
+      if previous is not None:
+        jax.block_until_ready(previous)
+        intervals.append(time.perf_counter() - done)
+        done = time.perf_counter()
+      previous = metrics
+    jax.block_until_ready((state, metrics))
+    intervals.append(time.perf_counter() - done)
+    return intervals, time.perf_counter() - start
+
   start = time.perf_counter()
   first_loss = float(run_step()["loss"])
   compile_s = time.perf_counter() - start  # Tracing, compiling and running the first step.
   for _ in range(warmup):
     run_step()
-  with probes.count_compiles() as recompiles:
-    times = []
-    for _ in range(steps):
-      start = time.perf_counter()
-      run_step()
-      times.append(time.perf_counter() - start)
-    # The same steps dispatched back to back, as the train loop runs them, synchronised once.
-    start = time.perf_counter()
-    for _ in range(steps):
-      state, metrics = programs.train_step(state, batch)
-    jax.block_until_ready((state, metrics))
-    loop_s = (time.perf_counter() - start) / steps
+  times, loop_times, loop_s = [], [], 0.0
+  # Synchronised and back-to-back steps alternate in rounds, so a drift of the machine's
+  # speed during the run (other work starting or stopping) falls on both alike.
+  rounds = [min(ROUND, steps - i) for i in range(0, steps, ROUND)]
+  with probes.count_compiles() as recompiles, probes.gc_pauses() as gc_pauses:
+    for count in rounds:
+      for _ in range(count):
+        start = time.perf_counter()
+        run_step()
+        times.append(time.perf_counter() - start)
+      intervals, seconds = loop_steps(count)
+      loop_times += intervals
+      loop_s += seconds
   step_s = statistics.median(times)
+  loop_s /= steps
 
   tokens = t.batch_size * config.data.seq_len
   tokens_per_sec = tokens / step_s
@@ -143,10 +184,11 @@ def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
       "params": int(sum(x.size for x in jax.tree.leaves(state.params))), **flops,
       "attention": model_lib.attention_implementation(cfg),
       "compile_s": round(compile_s, 2), "steps": steps,
-      "step_ms": round(1000 * step_s, 2), "step_ms_min": round(1000 * min(times), 2),
-      "step_ms_max": round(1000 * max(times), 2),
+      **step_time_stats("step_ms", times), **step_time_stats("loop_step_ms", loop_times),
       "tokens_per_sec": round(tokens_per_sec, 1),
       "loop_tokens_per_sec": round(tokens / loop_s, 1),
+      "loop_ratio": round(step_s / loop_s, 4),
+      **gc_stats(gc_pauses),
       "achieved_gflops": round(achieved[""], 1),
       "achieved_gflops_causal": round(achieved["_causal"], 1),
       "matmul_gflops": round(rate, 1),
