@@ -25,6 +25,7 @@ from gptjax import host
 from gptjax import sharding
 from gptjax import model as model_lib
 from gptjax import steps as steps_lib
+from gptjax import train as train_loop
 from gptjax.bench import flops as flops_lib
 from gptjax.bench import probes
 from gptjax.errors import UserError
@@ -151,8 +152,12 @@ def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
   # Synchronised and back-to-back steps alternate in rounds, so a drift of the machine's
   # speed during the run (other work starting or stopping) falls on both alike.
   rounds = [min(ROUND, steps - i) for i in range(0, steps, ROUND)]
-  with probes.count_compiles() as recompiles, probes.gc_pauses() as gc_pauses:
+  # The train loop's treatment of Python's garbage collector (see train_loop.SteadyCollector),
+  # collecting between rounds, untimed.
+  with (train_loop.SteadyCollector() as collector, probes.count_compiles() as recompiles,
+        probes.gc_pauses() as gc_pauses):
     for count in rounds:
+      collector.collect(0, log_step=True)
       for _ in range(count):
         start = time.perf_counter()
         run_step()
