@@ -119,27 +119,26 @@ class SteadyCollector:
   """Keeps Python's garbage collector from stalling steps at random.
 
   The collector runs whenever allocations outnumber frees by 700, on whichever line allocates:
-  in the train loop that is the dispatching thread, every step or two. Every tenth young
-  collection is a middle one, and every tenth of those may be a full one, which walks every
-  tracked object: ~200K after jax, orbax and grain are imported, 100-260 ms a collection
-  measured on a 2-core VM, a third of the reference step (experiments/bench_cpu.py) stalled
-  at random. So the loop freezes what setup built (modules, programs, the restored state:
-  never garbage) after one full collection, so a full collection no longer walks it, turns
-  automatic collection off, and collects explicitly (`collect`) where the host has time: at
-  a logging step, after the step is dispatched and before its metrics are waited for. Exiting
-  restores the collector as it was.
+  in the train loop that is the dispatching thread, every few steps. Every tenth young
+  collection is a middle one, and now and then a full one walks every tracked object: ~200K
+  once jax, orbax and grain are imported and the programs compiled, a 430 ms pause measured on
+  a 2-core VM (200 steps of a small model logged 52 young, 5 middle and 1 full collection),
+  most of a reference step (experiments/bench_cpu.py) stalled at random. So the loop turns
+  automatic collection off and collects where the host has time (`collect`): at a logging step,
+  after the step is dispatched and before its metrics are waited for. Each collection freezes
+  what survives it (modules, compiled programs, the state: almost all permanent), so the next
+  one walks only the objects made since. Refcounting still frees frozen objects; only a
+  reference cycle among them waits for the collector, which exiting restores as it was.
   """
 
-  EVERY = 100  # Steps between explicit collections at most, whatever train.log_every is.
+  EVERY = 100  # Steps between collections at most, whatever train.log_every is.
 
   def __init__(self):
     self.was_enabled = gc.isenabled()
 
   def __enter__(self):
-    self.was_enabled = gc.isenabled()
-    gc.collect()  # Garbage frozen now would never be freed.
-    gc.freeze()
     gc.disable()
+    self._collect()
     return self
 
   def __exit__(self, *exc):
@@ -149,7 +148,12 @@ class SteadyCollector:
 
   def collect(self, step: int, log_step: bool):
     if log_step or step % self.EVERY == 0:
-      gc.collect()
+      self._collect()
+
+  @staticmethod
+  def _collect():
+    gc.collect()
+    gc.freeze()
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -288,6 +292,7 @@ def _train(stage, mesh, progress, lock, started) -> TrainResult:
       window.append(metrics)  # Device arrays: no host sync until the window is logged.
       timed_steps += 1
       if step == start + 1 and step % t.log_every:
+        collector.collect(step, log_step=True)  # Freezes what compiling made, untimed.
         # Keep compilation out of tokens/s: time the window from the first step's end.
         jax.block_until_ready(metrics)
         window_time, timed_steps = time.perf_counter(), 0

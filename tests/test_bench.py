@@ -107,6 +107,12 @@ def test_train_benchmark_reports_throughput_and_mfu():
     assert 0 < report[f"{name}_min"] <= report[name] <= report[f"{name}_p90"] <= report[
         f"{name}_max"]
   assert report["loop_ratio"] > 0 and len(report["gc_collections"]) == 3
+  # The same step computing in bfloat16, float32 parameters: timed beside it, same loss.
+  bf16 = report["bf16"]
+  assert bf16["step_ms"] > 0 and bf16["step_ms_ratio"] > 0 and bf16["matmul_gflops"] > 0
+  assert bf16["first_loss"] == pytest.approx(report["first_loss"], abs=0.05)
+  config = config_lib.stage_config(tiny_config())
+  assert bench_train.bf16_twin(config.replace(model={"dtype": "bfloat16"}), {}) is None
   assert "torch" not in report
   json.dumps(report)  # One printable JSON object.
 
@@ -129,7 +135,7 @@ def test_torch_is_timed_before_and_after_gptjax_and_compared_with_their_mean(mon
   monkeypatch.setattr(bench_train, "_torch_or_skip", torch_run)
   monkeypatch.setattr(steps_lib, "compile_programs", spied)
   report = bench_train.train(config_lib.stage_config(tiny_config()), steps=2, warmup=1,
-                             torch="on")
+                             torch="on", compare_bf16=False)
   # PyTorch before any gptjax step and after the last one: a drift of the machine shows.
   assert events[0] == "torch" and events[-1] == "torch" and events.count("torch") == 2
   assert events.count("gptjax") == 1 + 1 + 2 + 2  # First, warm-up, timed, loop.
@@ -152,7 +158,7 @@ def test_synchronised_and_back_to_back_steps_alternate_in_rounds(monkeypatch):
   monkeypatch.setattr(jax, "block_until_ready", lambda x: events.append("wait") or real_block(x))
   monkeypatch.setattr(bench_train, "ROUND", 2)
   report = bench_train.train(config_lib.stage_config(tiny_config()), steps=3, warmup=0,
-                             torch="off")
+                             torch="off", compare_bf16=False)
   timed = "".join("s" if e == "step" else "w" for e in events)[2:]  # After the first step.
   # Rounds of 2 then 1: synchronised steps (step, wait), then back-to-back ones, each waited
   # for once the next is dispatched, the last at the end (step, step, wait, wait).

@@ -96,12 +96,38 @@ def _torch_or_skip(config: config_lib.StageConfig, steps: int, required: bool) -
   return reference
 
 
+def bf16_twin(config: config_lib.StageConfig, batch: dict):
+  """(a synchronised bfloat16-compute step's seconds, as a function; its first loss) for a
+  float32 model on one CPU host, else None: the same model and batch, parameters and
+  optimizer state still float32, its matmuls in bfloat16, to time in the same run."""
+  if (config.model.dtype != "float32" or config.lora.rank or jax.process_count() > 1
+      or jax.devices()[0].platform != "cpu"):
+    return None
+  twin = config.replace(model={"dtype": "bfloat16"})
+  programs = steps_lib.programs_for(twin)
+  state = programs.init(jax.random.key(config.train.seed))
+  batch = sharding.global_batch(batch, programs.batch_sharding)
+
+  state, metrics = programs.train_step(state, batch)  # Compiles it.
+  first_loss = float(metrics["loss"])
+
+  def seconds() -> float:
+    nonlocal state
+    start = time.perf_counter()
+    state, metrics = programs.train_step(state, batch)
+    jax.block_until_ready((state, metrics))
+    return time.perf_counter() - start
+
+  return seconds, first_loss
+
+
 def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
-          torch: str = "auto") -> dict:
+          torch: str = "auto", compare_bf16: bool = True) -> dict:
   """Throughput and MFU of `config`'s train step on random tokens (see the module docstring).
 
   `torch`: "auto" also times the PyTorch reference when torch is installed and the reference
-  applies (CPU, GPT-2 style, float32); "on" insists on it; "off" skips it.
+  applies (CPU, GPT-2 style, float32); "on" insists on it; "off" skips it. `compare_bf16`:
+  on the CPU, also time the same step computing in bfloat16 (`bf16_twin`).
   """
   load_start = os.getloadavg()[0]
   # The PyTorch step first, before this process runs anything on XLA, so the two never share
@@ -114,9 +140,10 @@ def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
     programs = programs.with_base(plain.init(jax.random.key(config.train.seed)).params)
   state = programs.init(jax.random.key(config.train.seed))
   t = config.train
-  batch = sharding.global_batch(
-      random_batch(config, t.batch_size // jax.process_count(), seed=jax.process_index()),
-      programs.batch_sharding)
+  host_batch = random_batch(config, t.batch_size // jax.process_count(),
+                            seed=jax.process_index())
+  batch = sharding.global_batch(host_batch, programs.batch_sharding)
+  twin = bf16_twin(config, host_batch) if compare_bf16 else None
 
   def run_step():
     nonlocal state
@@ -148,7 +175,7 @@ def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
   compile_s = time.perf_counter() - start  # Tracing, compiling and running the first step.
   for _ in range(warmup):
     run_step()
-  times, loop_times, loop_s = [], [], 0.0
+  times, loop_times, loop_s, bf16_times = [], [], 0.0, []
   # Synchronised and back-to-back steps alternate in rounds, so a drift of the machine's
   # speed during the run (other work starting or stopping) falls on both alike.
   rounds = [min(ROUND, steps - i) for i in range(0, steps, ROUND)]
@@ -165,6 +192,7 @@ def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
       intervals, seconds = loop_steps(count)
       loop_times += intervals
       loop_s += seconds
+      bf16_times += [twin[0]() for _ in range(count)] if twin else []
   step_s = statistics.median(times)
   loop_s /= steps
 
@@ -178,6 +206,12 @@ def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
   local = [d for d in devices if d.process_index == jax.process_index()]
   rate = jax.process_count() * probes.matmul_gflops(1024 if platform == "cpu" else 8192,
                                              dtype=cfg.compute_dtype, devices=local)
+  if twin:
+    bf16_rate = probes.matmul_gflops(1024, dtype="bfloat16", devices=local)
+    bf16_s = statistics.median(bf16_times)
+    bf16 = {"step_ms": round(1000 * bf16_s, 2), "step_ms_ratio": round(bf16_s / step_s, 4),
+            "first_loss": round(twin[1], 4), "matmul_gflops": round(bf16_rate, 1),
+            "matmul_ratio": round(bf16_rate / rate, 4)}
   peak = probes.peak_gflops(devices[0].device_kind, cfg.compute_dtype)
   peak = None if peak is None else peak * len(devices)
   matmuls_s = probes.weight_matmul_seconds(cfg, tokens // jax.process_count(), local)
@@ -207,6 +241,8 @@ def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
       "first_loss": round(first_loss, 4), "recompiles": recompiles[0],
       **host.describe(),
   }
+  if twin:
+    result["bf16"] = bf16
   if reference is not None and "tokens_per_sec" in reference:
     after = _torch_or_skip(config, steps, required=torch == "on")
     runs = [reference["tokens_per_sec"]]
