@@ -16,6 +16,7 @@ from gptjax.bench import train as bench_train
 from gptjax import config as config_lib
 from gptjax import model as model_lib
 from gptjax import steps as steps_lib
+from gptjax.errors import UserError
 
 
 
@@ -176,6 +177,18 @@ def test_step_time_stats_and_gc_pauses():
   assert [g for g, _ in pauses] == [2, 0] and all(s >= 0 for _, s in pauses)
   assert bench_train.gc_stats(pauses)["gc_collections"] == [1, 0, 1]
   assert bench_train.gc_stats([])["gc_ms_max"] == 0
+
+
+def test_logged_rate_reads_a_train_runs_windows_after_the_warm_up(tmp_path):
+  rows = [{"step": 10 * i, "split": "train", "tokens_per_sec": rate}
+          for i, rate in enumerate([100.0, 900.0, 1000.0, 1100.0], 1)]
+  rows.insert(2, {"step": 20, "split": "eval", "loss": 1.0})
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  report = bench_train.run(workdir=str(tmp_path))
+  assert report["windows"] == 3 and report["tokens_per_sec"] == 1000.0  # The first skipped.
+  assert report["tokens_per_sec_min"] == 900.0 and report["tokens_per_sec_max"] == 1100.0
+  with pytest.raises(UserError, match="no train rows"):
+    bench_train.logged_rate(str(tmp_path), skip=4)
 
 
 def test_memory_bandwidth_is_the_faster_of_reading_and_copying(monkeypatch):

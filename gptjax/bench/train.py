@@ -22,6 +22,7 @@ import numpy as np
 
 from gptjax import config as config_lib
 from gptjax import host
+from gptjax import metrics as metrics_lib
 from gptjax import sharding
 from gptjax import model as model_lib
 from gptjax import steps as steps_lib
@@ -264,11 +265,31 @@ def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
   return result
 
 
+def logged_rate(workdir: str, skip: int = 1) -> dict:
+  """The tokens/s that a `gptjax train` run logged in its metrics.jsonl (train rows, after the
+  first `skip` logging windows of warm-up): to compare with `loop_tokens_per_sec` of the same
+  config, which the loop should reach with its data pipeline, logging and checkpoints."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  rates = [r["tokens_per_sec"] for r in metrics_lib.read_rows(path)
+           if r.get("split") == "train" and "tokens_per_sec" in r][skip:]
+  if not rates:
+    raise UserError(f"{path} has no train rows after the first {skip}: train longer (more "
+                    "than train.log_every steps) or pass a workdir that `gptjax train` wrote.")
+  return {"benchmark": "train_logged", "workdir": workdir, "windows": len(rates),
+          "skipped_windows": skip, "tokens_per_sec": round(statistics.median(rates), 1),
+          "tokens_per_sec_min": round(min(rates), 1),
+          "tokens_per_sec_max": round(max(rates), 1)}
+
+
 def run(*, workdir: str | None = None, config: config_lib.StageConfig | None = None,
         step=None, steps: int = 20, torch: str = "auto", **unused_flags) -> dict:
-  """The train benchmark of --config (a fresh model on random tokens)."""
+  """The train benchmark of --config (a fresh model on random tokens), or the rate a trained
+  --workdir logged."""
   del step
+  if workdir and config is None:
+    return logged_rate(workdir)
   if config is None or workdir:
-    raise UserError("`bench train` needs --config FILE (e.g. experiments/bench_cpu.py), not "
-                     "--workdir: it times a fresh model on random tokens.")
+    raise UserError("`bench train` needs --config FILE (e.g. experiments/bench_cpu.py) to "
+                     "time a fresh model on random tokens, or --workdir DIR alone to read the "
+                     "rate a `gptjax train` run logged.")
   return train(config, steps=steps, torch=torch)
