@@ -108,6 +108,7 @@ def test_train_benchmark_reports_throughput_and_mfu():
     assert 0 < report[f"{name}_min"] <= report[name] <= report[f"{name}_p90"] <= report[
         f"{name}_max"]
   assert report["loop_ratio"] > 0 and len(report["gc_collections"]) == 3
+  assert report["memory_events_per_step"]["minor_faults"] >= 0
   # The same step computing in bfloat16, float32 parameters: timed beside it, same loss.
   bf16 = report["bf16"]
   assert bf16["step_ms"] > 0 and bf16["step_ms_ratio"] > 0 and bf16["matmul_gflops"] > 0
@@ -189,6 +190,15 @@ def test_logged_rate_reads_a_train_runs_windows_after_the_warm_up(tmp_path):
   assert report["tokens_per_sec_min"] == 900.0 and report["tokens_per_sec_max"] == 1100.0
   with pytest.raises(UserError, match="no train rows"):
     bench_train.logged_rate(str(tmp_path), skip=4)
+
+
+def test_memory_events_count_this_processs_page_faults():
+  before = probes.memory_events()
+  touched = bytearray(64 << 20)  # Zeroed fresh pages: faults on first touch.
+  touched[::4096] = b"x" * len(touched[::4096])
+  after = probes.memory_events()
+  assert after["minor_faults"] > before["minor_faults"]
+  assert after.keys() == before.keys() and {"minor_faults", "major_faults"} <= after.keys()
 
 
 def test_memory_bandwidth_is_the_faster_of_reading_and_copying(monkeypatch):

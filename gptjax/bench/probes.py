@@ -5,6 +5,7 @@ compilations and timing calls.
 
 import contextlib
 import gc
+import resource
 import time
 
 import jax
@@ -67,6 +68,23 @@ def gc_pauses():
     yield pauses
   finally:
     gc.callbacks.remove(callback)
+
+
+def memory_events() -> dict:
+  """Counters of the memory events that can stall a step: this process's page faults (minor:
+  a page mapped afresh; major: read from disk), and, machine-wide on Linux, the times a
+  huge-page allocation stalled to compact memory or fell back to small pages."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  events = {"minor_faults": usage.ru_minflt, "major_faults": usage.ru_majflt}
+  try:
+    with open("/proc/vmstat") as f:
+      vmstat = dict(line.split() for line in f)
+  except OSError:
+    return events
+  for name in ("compact_stall", "thp_fault_fallback"):
+    if name in vmstat:
+      events[name] = int(vmstat[name])
+  return events
 
 
 def best_seconds(fn, repeats: int) -> float:

@@ -182,6 +182,7 @@ def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
   rounds = [min(ROUND, steps - i) for i in range(0, steps, ROUND)]
   # The train loop's treatment of Python's garbage collector (see train_loop.SteadyCollector),
   # collecting between rounds, untimed.
+  events_before = probes.memory_events()
   with (train_loop.SteadyCollector() as collector, probes.count_compiles() as recompiles,
         probes.gc_pauses() as gc_pauses):
     for count in rounds:
@@ -194,6 +195,10 @@ def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
       loop_times += intervals
       loop_s += seconds
       bf16_times += [twin[0]() for _ in range(count)] if twin else []
+  # Per timed step (synchronised, back-to-back and bf16 ones alike).
+  timed_steps = len(times) + len(loop_times) + len(bf16_times)
+  memory_events = {k: round((v - events_before[k]) / timed_steps, 1)
+                   for k, v in probes.memory_events().items()}
   step_s = statistics.median(times)
   loop_s /= steps
 
@@ -228,7 +233,7 @@ def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
       "tokens_per_sec": round(tokens_per_sec, 1),
       "loop_tokens_per_sec": round(tokens / loop_s, 1),
       "loop_ratio": round(step_s / loop_s, 4),
-      **gc_stats(gc_pauses),
+      **gc_stats(gc_pauses), "memory_events_per_step": memory_events,
       "achieved_gflops": round(achieved[""], 1),
       "achieved_gflops_causal": round(achieved["_causal"], 1),
       "matmul_gflops": round(rate, 1),
