@@ -119,6 +119,19 @@ def test_train_benchmark_reports_throughput_and_mfu():
   json.dumps(report)  # One printable JSON object.
 
 
+def _record_steps(monkeypatch, events: list, name: str):
+  """Appends `name` to `events` at every train step of the programs compiled from now on."""
+  compile_programs = steps_lib.compile_programs
+
+  def spied(*args, **kwargs):
+    programs = compile_programs(*args, **kwargs)
+    step = programs.train_step
+    programs.train_step = lambda *a: events.append(name) or step(*a)
+    return programs
+
+  monkeypatch.setattr(steps_lib, "compile_programs", spied)
+
+
 def test_torch_is_timed_before_and_after_gptjax_and_compared_with_their_mean(monkeypatch):
   events, rates = [], iter([1e6, 3e6])
 
@@ -126,16 +139,8 @@ def test_torch_is_timed_before_and_after_gptjax_and_compared_with_their_mean(mon
     events.append("torch")
     return {"framework": "torch", "tokens_per_sec": next(rates)}
 
-  compile_programs = steps_lib.compile_programs
-
-  def spied(*args, **kwargs):
-    programs = compile_programs(*args, **kwargs)
-    step = programs.train_step
-    programs.train_step = lambda *a: events.append("gptjax") or step(*a)
-    return programs
-
   monkeypatch.setattr(bench_train, "_torch_or_skip", torch_run)
-  monkeypatch.setattr(steps_lib, "compile_programs", spied)
+  _record_steps(monkeypatch, events, "gptjax")
   report = bench_train.train(config_lib.stage_config(tiny_config()), steps=2, warmup=1,
                              torch="on", compare_bf16=False)
   # PyTorch before any gptjax step and after the last one: a drift of the machine shows.
@@ -146,17 +151,8 @@ def test_torch_is_timed_before_and_after_gptjax_and_compared_with_their_mean(mon
 
 
 def test_synchronised_and_back_to_back_steps_alternate_in_rounds(monkeypatch):
-  events = []
-  compile_programs = steps_lib.compile_programs
-  real_block = jax.block_until_ready
-
-  def spied(*args, **kwargs):
-    programs = compile_programs(*args, **kwargs)
-    step = programs.train_step
-    programs.train_step = lambda *a: events.append("step") or step(*a)
-    return programs
-
-  monkeypatch.setattr(steps_lib, "compile_programs", spied)
+  events, real_block = [], jax.block_until_ready
+  _record_steps(monkeypatch, events, "step")
   monkeypatch.setattr(jax, "block_until_ready", lambda x: events.append("wait") or real_block(x))
   monkeypatch.setattr(bench_train, "ROUND", 2)
   report = bench_train.train(config_lib.stage_config(tiny_config()), steps=3, warmup=0,
