@@ -1,14 +1,18 @@
 """Route a customer's first message to its service domain: sequence classification on tfds
 schema_guided_dialogue (the first user utterance as text, the domain of the dialogue's first
-service as label), from the pretrained model of experiments/shakespeare_pretrain.py or from
-scratch with the same tokenizer:
+service as label), from the pretrained stage of experiments/chat_demo.py (tiny_shakespeare
+plus schema_guided_dialogue transcripts: the better-matched start) or from scratch with the
+same tokenizer:
+  python -m gptjax pipeline --config experiments/chat_demo.py --workdir runs/chat_demo
   python -m gptjax train --config experiments/classify_sgd.py --workdir runs/sgd_route \
-      --config.init_from=runs/shakespeare
-  mkdir -p runs/sgd_route_scratch && cp runs/shakespeare/tokenizer.model runs/sgd_route_scratch/
+      --config.init_from=runs/chat_demo/pretrain
+  mkdir -p runs/sgd_route_scratch && cp runs/chat_demo/pretrain/tokenizer.model \
+      runs/sgd_route_scratch/
   python -m gptjax train --config experiments/classify_sgd.py:scratch \
       --workdir runs/sgd_route_scratch
   python -m gptjax eval --workdir runs/sgd_route --json   # accuracy, macro_f1, confusion
 
+Any run of experiments/shakespeare_pretrain.py's model shape can be the start (init_from).
 The dev split holds a domain (Alarm) that train lacks: its dialogues are skipped and counted.
 """
 
@@ -29,7 +33,7 @@ def get_config(arm: str = "pretrained"):
   c.train.update(steps=600, batch_size=32, learning_rate=1e-3, warmup_steps=30,
                  eval_every=100, checkpoint_every=100, patience=3)
   if arm == "pretrained":
-    c.init_from = "runs/shakespeare"
+    c.init_from = "runs/chat_demo/pretrain"
   elif arm != "scratch":
     raise ValueError(f"Unknown arm {arm!r} for classify_sgd.py; use no arm (pretrained) or "
                      "classify_sgd.py:scratch.")

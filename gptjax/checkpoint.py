@@ -5,8 +5,10 @@ and `data` (the grain iterator's position), so a resumed run sees exactly the ba
 uninterrupted one would. Orbax writes each step into a temporary folder and renames it only
 once complete, so a run killed mid-save leaves the previous checkpoint as the latest.
 
-Kept: the latest `max_to_keep` steps, plus the step with the lowest `eval_loss` among those
-saved with metrics (the "best" checkpoint that `--step best` and `init_from_step` pick).
+Kept: the latest `max_to_keep` steps, plus the best step among those saved with metrics (the
+"best" checkpoint that `--step best` and `init_from_step` pick): the lowest `objective`, the
+stage's train.early_stop_metric signed so that lower is better (checkpoints written before
+that key existed carry `eval_loss` instead).
 
 Damage (a disk error, a copy cut short, a crash outside Orbax's rename) is told apart from a
 bug: a step whose metadata is missing or unreadable, or whose restore fails, is "damaged".
@@ -31,8 +33,8 @@ from orbax.checkpoint import checkpoint_managers
 from gptjax.errors import UserError
 
 
-def _eval_loss(metrics) -> float:
-  return metrics["eval_loss"]
+def _objective(metrics) -> float:
+  return metrics["objective"] if "objective" in metrics else metrics["eval_loss"]
 
 
 class CheckpointWriteError(UserError):
@@ -69,11 +71,11 @@ class Checkpoints:
     self.directory = os.path.abspath(directory)
     keep = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=max_to_keep),
-        checkpoint_managers.BestN(get_metric_fn=_eval_loss, reverse=True, n=1,
+        checkpoint_managers.BestN(get_metric_fn=_objective, reverse=True, n=1,
                                   keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=keep, best_fn=_eval_loss, best_mode="min",
+        preservation_policy=keep, best_fn=_objective, best_mode="min",
         create=not read_only, read_only=read_only, enable_async_checkpointing=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._pending, self._failed = None, False
@@ -119,7 +121,7 @@ class Checkpoints:
     return list(self.manager.all_steps())
 
   def best_step(self) -> int | None:
-    """The step with the lowest eval loss, or the latest if none was saved with one."""
+    """The step with the lowest objective, or the latest if none was saved with one."""
     best = self.manager.best_step()
     return self.latest_step() if best is None else best
 
@@ -141,12 +143,13 @@ class Checkpoints:
                        "train first or pick one of the saved steps.")
     return found
 
-  def save(self, step: int, state, data_iterator=None, eval_loss: float | None = None):
-    """Starts an asynchronous save; the next save or `wait` completes it."""
+  def save(self, step: int, state, data_iterator=None, objective: float | None = None):
+    """Starts an asynchronous save; the next save or `wait` completes it. A step saved with an
+    `objective` (lower is better) is a candidate for the best."""
     items = {"state": ocp.args.PyTreeSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    metrics = None if eval_loss is None else {"eval_loss": float(eval_loss)}
+    metrics = None if objective is None else {"objective": float(objective)}
     with self._writing():  # The previous save's failure surfaces here.
       self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
     self._pending = step

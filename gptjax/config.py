@@ -120,9 +120,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Also checkpoint at the first logging step this many minutes after the last save, so a hard
   # kill loses at most about that much work; 0 disables.
   tr.save_every_minutes = 0.0
-  tr.max_to_keep = 3  # Latest checkpoints kept in the workdir (plus the best by eval loss).
+  tr.max_to_keep = 3  # Latest checkpoints kept in the workdir (plus the best by early_stop_metric).
   tr.trainable = "all"  # "all", "no_embed" (freeze embeddings) or "top:N" (top N blocks + head).
-  tr.patience = 0  # Stop after this many evals without a lower eval loss; 0 never stops.
+  tr.patience = 0  # Stop after this many evals without a better early_stop_metric; 0 never stops.
+  # The eval metric that patience and the "best" checkpoint follow: "loss" or another eval
+  # metric of the stage (EVAL_METRICS); accuracy and macro_f1 are better higher, the rest lower.
+  tr.early_stop_metric = "loss"
   # Adversarial training: "none", or "fgm" (Miyato et al. 2017): each step also takes the loss
   # on input embeddings perturbed along the loss gradient, and trains on the mean of both.
   tr.adversarial = "none"
@@ -158,9 +161,20 @@ def base_config() -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------- typed groups
 
 DATA_KINDS = ("text", "dialogue", "classify")
+# The eval metrics every evaluation of a data kind reports (gptjax/evaluate.py), which
+# train.early_stop_metric may name; HIGHER_IS_BETTER lists the ones that improve upwards.
+EVAL_METRICS = {"text": ("loss", "perplexity"),
+                "dialogue": ("loss", "perplexity", "assistant_loss"),
+                "classify": ("loss", "perplexity", "accuracy", "macro_f1")}
+HIGHER_IS_BETTER = ("accuracy", "macro_f1")
 LONG_CONVERSATIONS = ("recent", "windows")
 TOKENIZER_TYPES = ("bpe", "unigram")
 ADVERSARIAL = ("none", "fgm")
+
+
+def metric_sign(metric: str) -> float:
+  """+1 if a lower value of eval metric `metric` is better, -1 if a higher one is."""
+  return -1.0 if metric in HIGHER_IS_BETTER else 1.0
 
 
 def _check(ok: bool, key: str, value, expected: str):
@@ -262,6 +276,7 @@ class TrainConfig:
   patience: int
   adversarial: str
   adversarial_epsilon: float
+  early_stop_metric: str
 
   def __post_init__(self):
     for key in ("steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every",
@@ -365,6 +380,10 @@ class StageConfig:
     _check(_trainable_ok(self.train.trainable, self.model.num_layers), "train.trainable",
            self.train.trainable, f"'all', 'no_embed' or 'top:N' with N <= "
            f"{self.model.num_layers} layers")
+    metrics = EVAL_METRICS[self.data.kind]
+    _check(self.train.early_stop_metric in metrics, "train.early_stop_metric",
+           self.train.early_stop_metric, f"an eval metric of a data.kind={self.data.kind!r} "
+           f"stage: one of {metrics}")
     if self.data.kind == "classify":
       _check(len(self.classify.label_names) >= 2, "classify.labels", self.classify.labels,
              "at least two comma-separated class names for data.kind='classify'")

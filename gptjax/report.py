@@ -82,7 +82,9 @@ def _stage_status(name: str, config: dict, rows: list[dict], finished: list[str]
   if not rows:
     return "no metrics yet (starting, or failed before its first log)"
   last = max(r["step"] for r in rows)
-  evals = [r["loss"] for r in rows if r["split"] == "eval"]
+  metric = config.get("train.early_stop_metric", "loss")  # Followed by patience, like train.
+  evals = [config_lib.metric_sign(metric) * r[metric] for r in rows
+           if r["split"] == "eval" and metric in r]
   patience = config.get("train.patience", 0)
   since_best = len(evals) - 1 - int(np.argmin(evals)) if evals else 0
   early = patience > 0 and since_best >= patience and last < steps

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 
 from gptjax import checkpoint as ckpt_lib
 from gptjax import classify as classify_lib
+from gptjax import config as config_lib
 from gptjax import datasets
 from gptjax import evaluate as evaluate_lib
 from gptjax import lora as lora_lib
@@ -164,7 +165,7 @@ class TrainResult:
   state: steps_lib.TrainState
   last_train: dict  # Mean train metrics of the last logging window.
   last_eval: dict | None  # Metrics of the last evaluation.
-  best_step: int | None = None  # Checkpoint with the lowest eval loss.
+  best_step: int | None = None  # Checkpoint with the best train.early_stop_metric.
   stopped_early: bool = False
   seconds: float = 0.0  # Wall time of this call.
 
@@ -178,17 +179,24 @@ def _check_finite(window: list[dict], first_step: int):
 
 
 class EarlyStopping:
-  """Counts evaluations since the lowest eval loss; rebuilt from metrics.jsonl on resume."""
+  """Counts evaluations since the best value of train.early_stop_metric; rebuilt from
+  metrics.jsonl on resume. `objective` is the metric signed so that lower is better."""
 
-  def __init__(self, patience: int, eval_rows: list[dict]):
-    self.patience, self.best, self.since = patience, math.inf, 0
+  def __init__(self, patience: int, metric: str, eval_rows: list[dict]):
+    self.patience, self.metric, self.sign = patience, metric, config_lib.metric_sign(metric)
+    self.best, self.since = math.inf, 0
     for row in eval_rows:
-      self.update(row["loss"])
+      if metric in row:  # Rows written under another early_stop_metric may lack it.
+        self.update(row)
 
-  def update(self, loss: float) -> bool:
-    """Records an eval loss; True if it is the best so far."""
-    improved = loss < self.best
-    self.best, self.since = (loss, 0) if improved else (self.best, self.since + 1)
+  def objective(self, metrics: dict) -> float:
+    return self.sign * metrics[self.metric]
+
+  def update(self, metrics: dict) -> bool:
+    """Records an evaluation's metrics; True if its metric is the best so far."""
+    value = self.objective(metrics)
+    improved = value < self.best
+    self.best, self.since = (value, 0) if improved else (self.best, self.since + 1)
     return improved
 
   @property
@@ -269,8 +277,8 @@ def _train(stage, mesh, progress, lock, started) -> TrainResult:
   writer = metrics_lib.MetricsWriter(workdir, stage=config.stage, primary=primary)
   state, start = _start_state(stage, programs, checkpoints, train_iter)
   writer.truncate_after(start)
-  stopper = EarlyStopping(t.patience, [r for r in metrics_lib.read_rows(writer.path)
-                                       if r["split"] == "eval"])
+  stopper = EarlyStopping(t.patience, t.early_stop_metric,
+                          [r for r in metrics_lib.read_rows(writer.path) if r["split"] == "eval"])
 
   bar = tqdm.tqdm(total=t.steps, initial=start, disable=not (progress and primary),
                   dynamic_ncols=True, mininterval=1.0)
@@ -318,17 +326,17 @@ def _train(stage, mesh, progress, lock, started) -> TrainResult:
         bar.update(step - window_start)
         window, window_start = [], step
         window_time, timed_steps = time.perf_counter(), 0
-      eval_loss = None
+      objective = None
       if must_eval:
         last_eval = evaluate_lib.evaluate(programs, state.params, eval_batches)
         writer.write(step, "eval", last_eval)
-        # A new best is always checkpointed (with its eval loss, so it is kept as the best).
-        if stopper.update(last_eval["loss"]):
-          eval_loss, must_save = last_eval["loss"], True
+        # A new best is always checkpointed (with its objective, so it is kept as the best).
+        if stopper.update(last_eval):
+          objective, must_save = stopper.objective(last_eval), True
         must_save = must_save or stopper.should_stop
         window_time = time.perf_counter()  # Keep eval time out of tokens/s.
       if must_save:
-        checkpoints.save(step, state, train_iter, eval_loss=eval_loss)
+        checkpoints.save(step, state, train_iter, objective=objective)
         last_saved = f"step {step}"
         timed.saved()
       if stop:
