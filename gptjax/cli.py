@@ -32,7 +32,8 @@
            next to sequential chat-style decoding, as JSON.
   bench    train --config experiments/NAME.py [--steps N] [--torch auto|on|off]
            Train step tokens/s, compile time and MFU (on the CPU, next to the PyTorch
-           reference step's tokens/s), as JSON.
+           reference step's tokens/s), as JSON. With --workdir DIR alone: the tokens/s
+           that a `gptjax train` run logged there.
   serve    --workdir DIR [--step N|best] [--host 127.0.0.1] [--port 8000] [--max_batch 16]
            [--api_key KEY]
            An OpenAI-compatible HTTP API with continuous batching, and a chat page at /.

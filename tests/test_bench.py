@@ -1,5 +1,6 @@
 """The train benchmark: FLOP counts, datasheet peaks, its JSON report, the PyTorch reference."""
 
+import gc
 import importlib.util
 import json
 
@@ -15,6 +16,7 @@ from gptjax.bench import train as bench_train
 from gptjax import config as config_lib
 from gptjax import model as model_lib
 from gptjax import steps as steps_lib
+from gptjax.errors import UserError
 
 
 
@@ -102,8 +104,32 @@ def test_train_benchmark_reports_throughput_and_mfu():
   assert report["weight_matmul_ms"] > 0 and report["weight_matmul_share"] == pytest.approx(
       report["weight_matmul_ms"] / report["step_ms"], abs=1e-3)
   assert report["recompiles"] == 0 and report["attention"] == "chunked"
+  for name in ("step_ms", "loop_step_ms"):  # Outliers are reported beside the median.
+    assert 0 < report[f"{name}_min"] <= report[name] <= report[f"{name}_p90"] <= report[
+        f"{name}_max"]
+  assert report["loop_ratio"] > 0 and len(report["gc_collections"]) == 3
+  assert report["memory_events_per_step"]["minor_faults"] >= 0
+  # The same step computing in bfloat16, float32 parameters: timed beside it, same loss.
+  bf16 = report["bf16"]
+  assert bf16["step_ms"] > 0 and bf16["step_ms_ratio"] > 0 and bf16["matmul_gflops"] > 0
+  assert bf16["first_loss"] == pytest.approx(report["first_loss"], abs=0.05)
+  config = config_lib.stage_config(tiny_config())
+  assert bench_train.bf16_twin(config.replace(model={"dtype": "bfloat16"}), {}) is None
   assert "torch" not in report
   json.dumps(report)  # One printable JSON object.
+
+
+def _record_steps(monkeypatch, events: list, name: str):
+  """Appends `name` to `events` at every train step of the programs compiled from now on."""
+  compile_programs = steps_lib.compile_programs
+
+  def spied(*args, **kwargs):
+    programs = compile_programs(*args, **kwargs)
+    step = programs.train_step
+    programs.train_step = lambda *a: events.append(name) or step(*a)
+    return programs
+
+  monkeypatch.setattr(steps_lib, "compile_programs", spied)
 
 
 def test_torch_is_timed_before_and_after_gptjax_and_compared_with_their_mean(monkeypatch):
@@ -113,23 +139,62 @@ def test_torch_is_timed_before_and_after_gptjax_and_compared_with_their_mean(mon
     events.append("torch")
     return {"framework": "torch", "tokens_per_sec": next(rates)}
 
-  compile_programs = steps_lib.compile_programs
-
-  def spied(*args, **kwargs):
-    programs = compile_programs(*args, **kwargs)
-    step = programs.train_step
-    programs.train_step = lambda *a: events.append("gptjax") or step(*a)
-    return programs
-
   monkeypatch.setattr(bench_train, "_torch_or_skip", torch_run)
-  monkeypatch.setattr(steps_lib, "compile_programs", spied)
+  _record_steps(monkeypatch, events, "gptjax")
   report = bench_train.train(config_lib.stage_config(tiny_config()), steps=2, warmup=1,
-                             torch="on")
+                             torch="on", compare_bf16=False)
   # PyTorch before any gptjax step and after the last one: a drift of the machine shows.
   assert events[0] == "torch" and events[-1] == "torch" and events.count("torch") == 2
   assert events.count("gptjax") == 1 + 1 + 2 + 2  # First, warm-up, timed, loop.
   assert report["torch"]["tokens_per_sec_runs"] == [1e6, 3e6]
   assert report["ratio_to_torch"] == pytest.approx(report["tokens_per_sec"] / 2e6, abs=1e-3)
+
+
+def test_synchronised_and_back_to_back_steps_alternate_in_rounds(monkeypatch):
+  events, real_block = [], jax.block_until_ready
+  _record_steps(monkeypatch, events, "step")
+  monkeypatch.setattr(jax, "block_until_ready", lambda x: events.append("wait") or real_block(x))
+  monkeypatch.setattr(bench_train, "ROUND", 2)
+  report = bench_train.train(config_lib.stage_config(tiny_config()), steps=3, warmup=0,
+                             torch="off", compare_bf16=False)
+  timed = "".join("s" if e == "step" else "w" for e in events)[2:]  # After the first step.
+  # Rounds of 2 then 1: synchronised steps (step, wait), then back-to-back ones, each waited
+  # for once the next is dispatched, the last at the end (step, step, wait, wait).
+  assert timed.startswith("swsw" + "ssww" + "sw" + "sw")
+  assert report["steps"] == 3 and report["loop_step_ms"] > 0
+
+
+def test_step_time_stats_and_gc_pauses():
+  stats = bench_train.step_time_stats("step_ms", [0.1] * 9 + [1.0])
+  assert stats == {"step_ms": 100.0, "step_ms_p90": 190.0, "step_ms_min": 100.0,
+                   "step_ms_max": 1000.0}
+  with probes.gc_pauses() as pauses:
+    gc.collect()
+    gc.collect(0)
+  assert [g for g, _ in pauses] == [2, 0] and all(s >= 0 for _, s in pauses)
+  assert bench_train.gc_stats(pauses)["gc_collections"] == [1, 0, 1]
+  assert bench_train.gc_stats([])["gc_ms_max"] == 0
+
+
+def test_logged_rate_reads_a_train_runs_windows_after_the_warm_up(tmp_path):
+  rows = [{"step": 10 * i, "split": "train", "tokens_per_sec": rate}
+          for i, rate in enumerate([100.0, 900.0, 1000.0, 1100.0], 1)]
+  rows.insert(2, {"step": 20, "split": "eval", "loss": 1.0})
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  report = bench_train.run(workdir=str(tmp_path))
+  assert report["windows"] == 3 and report["tokens_per_sec"] == 1000.0  # The first skipped.
+  assert report["tokens_per_sec_min"] == 900.0 and report["tokens_per_sec_max"] == 1100.0
+  with pytest.raises(UserError, match="no train rows"):
+    bench_train.logged_rate(str(tmp_path), skip=4)
+
+
+def test_memory_events_count_this_processs_page_faults():
+  before = probes.memory_events()
+  touched = bytearray(64 << 20)  # Zeroed fresh pages: faults on first touch.
+  touched[::4096] = b"x" * len(touched[::4096])
+  after = probes.memory_events()
+  assert after["minor_faults"] > before["minor_faults"]
+  assert after.keys() == before.keys() and {"minor_faults", "major_faults"} <= after.keys()
 
 
 def test_memory_bandwidth_is_the_faster_of_reading_and_copying(monkeypatch):

@@ -1,6 +1,7 @@
 """The train step and loop: learning, sharding, accumulation, resume, failure handling."""
 
 import functools
+import gc
 import json
 import os
 import shutil
@@ -198,3 +199,38 @@ def test_missing_dataset_names_the_dataset_and_the_prepare_command(tmp_path):
                      match=r"no_such_dataset.*gptjax prepare --dataset no_such_dataset"):
     run_stage(config, str(tmp_path / "run"), mesh=make_mesh())
   assert not (tmp_path / "run").exists()
+
+
+def test_steady_collector_collects_only_when_asked_and_restores_the_collector():
+  collections = []
+  callback = lambda phase, info: phase == "start" and collections.append(info["generation"])
+  gc.callbacks.append(callback)
+  try:
+    with train_lib.SteadyCollector() as collector:
+      collections.clear()
+      assert not gc.isenabled() and gc.get_freeze_count() > 0  # Setup's objects frozen.
+      for _ in range(10_000):  # Far past the allocation threshold of a young collection.
+        cycle = []
+        cycle.append(cycle)
+      assert collections == []
+      collector.collect(step=3, log_step=False)
+      assert collections == []
+      collector.collect(step=3, log_step=True)
+      collector.collect(step=train_lib.SteadyCollector.EVERY, log_step=False)
+      assert collections == [2, 2]
+  finally:
+    gc.callbacks.remove(callback)
+  assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_train_loop_runs_steps_with_the_collector_paused(tfds_data_dir, workdir, monkeypatch):
+  calls = []
+  monkeypatch.setattr(train_lib.SteadyCollector, "collect",
+                      lambda self, step, log_step: calls.append((step, log_step, gc.isenabled())))
+  config = tiny_config(tfds_data_dir)
+  config.train.update(steps=4, log_every=2)
+  run_stage(config, workdir, mesh=make_mesh())
+  # The first step (it compiled) is followed by a collection before the timing starts.
+  assert [(step, log) for step, log, _ in calls] == [(1, True), (1, False), (2, True),
+                                                     (3, False), (4, True)]
+  assert not any(enabled for _, _, enabled in calls) and gc.isenabled()

@@ -4,6 +4,8 @@ compilations and timing calls.
 """
 
 import contextlib
+import gc
+import resource
 import time
 
 import jax
@@ -46,6 +48,43 @@ def count_compiles():
     yield count
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@contextlib.contextmanager
+def gc_pauses():
+  """Times Python's garbage collections inside the block: yields a list of (generation,
+  seconds), one a collection. A collection stops the dispatching thread; a full one walks
+  every tracked object (millions once jax and its dependencies are imported)."""
+  pauses, started = [], []
+
+  def callback(phase: str, info: dict):
+    if phase == "start":
+      started.append(time.perf_counter())
+    elif started:
+      pauses.append((info["generation"], time.perf_counter() - started.pop()))
+
+  gc.callbacks.append(callback)
+  try:
+    yield pauses
+  finally:
+    gc.callbacks.remove(callback)
+
+
+def memory_events() -> dict:
+  """Counters of the memory events that can stall a step: this process's page faults (minor:
+  a page mapped afresh; major: read from disk), and, machine-wide on Linux, the times a
+  huge-page allocation stalled to compact memory or fell back to small pages."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  events = {"minor_faults": usage.ru_minflt, "major_faults": usage.ru_majflt}
+  try:
+    with open("/proc/vmstat") as f:
+      vmstat = dict(line.split() for line in f)
+  except OSError:
+    return events
+  for name in ("compact_stall", "thp_fault_fallback"):
+    if name in vmstat:
+      events[name] = int(vmstat[name])
+  return events
 
 
 def best_seconds(fn, repeats: int) -> float:

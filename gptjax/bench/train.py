@@ -22,12 +22,34 @@ import numpy as np
 
 from gptjax import config as config_lib
 from gptjax import host
+from gptjax import metrics as metrics_lib
 from gptjax import sharding
 from gptjax import model as model_lib
 from gptjax import steps as steps_lib
+from gptjax import train as train_loop
 from gptjax.bench import flops as flops_lib
 from gptjax.bench import probes
 from gptjax.errors import UserError
+
+
+# Synchronised and back-to-back steps alternate in rounds of this many steps.
+ROUND = 5
+
+
+def step_time_stats(name: str, seconds: list[float]) -> dict:
+  """{name: median, name_p90, name_min, name_max} of step times, in milliseconds."""
+  ms = np.asarray(seconds) * 1000
+  return {name: round(float(np.median(ms)), 2),
+          f"{name}_p90": round(float(np.percentile(ms, 90)), 2),
+          f"{name}_min": round(float(ms.min()), 2), f"{name}_max": round(float(ms.max()), 2)}
+
+
+def gc_stats(pauses: list[tuple[int, float]]) -> dict:
+  """Python's garbage collections during the timed steps: how many of each generation, their
+  total and longest pause in milliseconds."""
+  return {"gc_collections": [sum(g == gen for g, _ in pauses) for gen in range(3)],
+          "gc_ms_total": round(1000 * sum(s for _, s in pauses), 2),
+          "gc_ms_max": round(1000 * max((s for _, s in pauses), default=0.0), 2)}
 
 
 def random_batch(config: config_lib.StageConfig, rows: int, seed: int = 0) -> dict:
@@ -75,12 +97,38 @@ def _torch_or_skip(config: config_lib.StageConfig, steps: int, required: bool) -
   return reference
 
 
+def bf16_twin(config: config_lib.StageConfig, batch: dict):
+  """(a synchronised bfloat16-compute step's seconds, as a function; its first loss) for a
+  float32 model on one CPU host, else None: the same model and batch, parameters and
+  optimizer state still float32, its matmuls in bfloat16, to time in the same run."""
+  if (config.model.dtype != "float32" or config.lora.rank or jax.process_count() > 1
+      or jax.devices()[0].platform != "cpu"):
+    return None
+  twin = config.replace(model={"dtype": "bfloat16"})
+  programs = steps_lib.programs_for(twin)
+  state = programs.init(jax.random.key(config.train.seed))
+  batch = sharding.global_batch(batch, programs.batch_sharding)
+
+  state, metrics = programs.train_step(state, batch)  # Compiles it.
+  first_loss = float(metrics["loss"])
+
+  def seconds() -> float:
+    nonlocal state
+    start = time.perf_counter()
+    state, metrics = programs.train_step(state, batch)
+    jax.block_until_ready((state, metrics))
+    return time.perf_counter() - start
+
+  return seconds, first_loss
+
+
 def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
-          torch: str = "auto") -> dict:
+          torch: str = "auto", compare_bf16: bool = True) -> dict:
   """Throughput and MFU of `config`'s train step on random tokens (see the module docstring).
 
   `torch`: "auto" also times the PyTorch reference when torch is installed and the reference
-  applies (CPU, GPT-2 style, float32); "on" insists on it; "off" skips it.
+  applies (CPU, GPT-2 style, float32); "on" insists on it; "off" skips it. `compare_bf16`:
+  on the CPU, also time the same step computing in bfloat16 (`bf16_twin`).
   """
   load_start = os.getloadavg()[0]
   # The PyTorch step first, before this process runs anything on XLA, so the two never share
@@ -93,9 +141,10 @@ def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
     programs = programs.with_base(plain.init(jax.random.key(config.train.seed)).params)
   state = programs.init(jax.random.key(config.train.seed))
   t = config.train
-  batch = sharding.global_batch(
-      random_batch(config, t.batch_size // jax.process_count(), seed=jax.process_index()),
-      programs.batch_sharding)
+  host_batch = random_batch(config, t.batch_size // jax.process_count(),
+                            seed=jax.process_index())
+  batch = sharding.global_batch(host_batch, programs.batch_sharding)
+  twin = bf16_twin(config, host_batch) if compare_bf16 else None
 
   def run_step():
     nonlocal state
@@ -103,24 +152,55 @@ def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
     jax.block_until_ready((state, metrics))
     return metrics
 
+  def loop_steps(count: int) -> tuple[list[float], float]:
+    """`count` steps dispatched back to back, as the train loop runs them: (the intervals
+    between their completions, the seconds from the first dispatch to the last completion).
+    Each step is waited for only once the next one is dispatched, so the device never waits
+    for the host, and the intervals are the loop's own step times."""
+    nonlocal state
+    start = time.perf_counter()
+    done, intervals, previous = start, [], None
+    for _ in range(count):
+      state, metrics = programs.train_step(state, batch)
+      if previous is not None:
+        jax.block_until_ready(previous)
+        intervals.append(time.perf_counter() - done)
+        done = time.perf_counter()
+      previous = metrics
+    jax.block_until_ready((state, metrics))
+    intervals.append(time.perf_counter() - done)
+    return intervals, time.perf_counter() - start
+
   start = time.perf_counter()
   first_loss = float(run_step()["loss"])
   compile_s = time.perf_counter() - start  # Tracing, compiling and running the first step.
   for _ in range(warmup):
     run_step()
-  with probes.count_compiles() as recompiles:
-    times = []
-    for _ in range(steps):
-      start = time.perf_counter()
-      run_step()
-      times.append(time.perf_counter() - start)
-    # The same steps dispatched back to back, as the train loop runs them, synchronised once.
-    start = time.perf_counter()
-    for _ in range(steps):
-      state, metrics = programs.train_step(state, batch)
-    jax.block_until_ready((state, metrics))
-    loop_s = (time.perf_counter() - start) / steps
+  times, loop_times, loop_s, bf16_times = [], [], 0.0, []
+  # Synchronised and back-to-back steps alternate in rounds, so a drift of the machine's
+  # speed during the run (other work starting or stopping) falls on both alike.
+  rounds = [min(ROUND, steps - i) for i in range(0, steps, ROUND)]
+  # The train loop's treatment of Python's garbage collector (see train_loop.SteadyCollector),
+  # collecting between rounds, untimed.
+  events_before = probes.memory_events()
+  with (train_loop.SteadyCollector() as collector, probes.count_compiles() as recompiles,
+        probes.gc_pauses() as gc_pauses):
+    for count in rounds:
+      collector.collect(0, log_step=True)
+      for _ in range(count):
+        start = time.perf_counter()
+        run_step()
+        times.append(time.perf_counter() - start)
+      intervals, seconds = loop_steps(count)
+      loop_times += intervals
+      loop_s += seconds
+      bf16_times += [twin[0]() for _ in range(count)] if twin else []
+  # Per timed step (synchronised, back-to-back and bf16 ones alike).
+  timed_steps = len(times) + len(loop_times) + len(bf16_times)
+  memory_events = {k: round((v - events_before[k]) / timed_steps, 1)
+                   for k, v in probes.memory_events().items()}
   step_s = statistics.median(times)
+  loop_s /= steps
 
   tokens = t.batch_size * config.data.seq_len
   tokens_per_sec = tokens / step_s
@@ -132,6 +212,12 @@ def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
   local = [d for d in devices if d.process_index == jax.process_index()]
   rate = jax.process_count() * probes.matmul_gflops(1024 if platform == "cpu" else 8192,
                                              dtype=cfg.compute_dtype, devices=local)
+  if twin:
+    bf16_rate = probes.matmul_gflops(1024, dtype="bfloat16", devices=local)
+    bf16_s = statistics.median(bf16_times)
+    bf16 = {"step_ms": round(1000 * bf16_s, 2), "step_ms_ratio": round(bf16_s / step_s, 4),
+            "first_loss": round(twin[1], 4), "matmul_gflops": round(bf16_rate, 1),
+            "matmul_ratio": round(bf16_rate / rate, 4)}
   peak = probes.peak_gflops(devices[0].device_kind, cfg.compute_dtype)
   peak = None if peak is None else peak * len(devices)
   matmuls_s = probes.weight_matmul_seconds(cfg, tokens // jax.process_count(), local)
@@ -143,10 +229,11 @@ def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
       "params": int(sum(x.size for x in jax.tree.leaves(state.params))), **flops,
       "attention": model_lib.attention_implementation(cfg),
       "compile_s": round(compile_s, 2), "steps": steps,
-      "step_ms": round(1000 * step_s, 2), "step_ms_min": round(1000 * min(times), 2),
-      "step_ms_max": round(1000 * max(times), 2),
+      **step_time_stats("step_ms", times), **step_time_stats("loop_step_ms", loop_times),
       "tokens_per_sec": round(tokens_per_sec, 1),
       "loop_tokens_per_sec": round(tokens / loop_s, 1),
+      "loop_ratio": round(step_s / loop_s, 4),
+      **gc_stats(gc_pauses), "memory_events_per_step": memory_events,
       "achieved_gflops": round(achieved[""], 1),
       "achieved_gflops_causal": round(achieved["_causal"], 1),
       "matmul_gflops": round(rate, 1),
@@ -160,6 +247,8 @@ def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
       "first_loss": round(first_loss, 4), "recompiles": recompiles[0],
       **host.describe(),
   }
+  if twin:
+    result["bf16"] = bf16
   if reference is not None and "tokens_per_sec" in reference:
     after = _torch_or_skip(config, steps, required=torch == "on")
     runs = [reference["tokens_per_sec"]]
@@ -181,11 +270,31 @@ def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
   return result
 
 
+def logged_rate(workdir: str, skip: int = 1) -> dict:
+  """The tokens/s that a `gptjax train` run logged in its metrics.jsonl (train rows, after the
+  first `skip` logging windows of warm-up): to compare with `loop_tokens_per_sec` of the same
+  config, which the loop should reach with its data pipeline, logging and checkpoints."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  rates = [r["tokens_per_sec"] for r in metrics_lib.read_rows(path)
+           if r.get("split") == "train" and "tokens_per_sec" in r][skip:]
+  if not rates:
+    raise UserError(f"{path} has no train rows after the first {skip}: train longer (more "
+                    "than train.log_every steps) or pass a workdir that `gptjax train` wrote.")
+  return {"benchmark": "train_logged", "workdir": workdir, "windows": len(rates),
+          "skipped_windows": skip, "tokens_per_sec": round(statistics.median(rates), 1),
+          "tokens_per_sec_min": round(min(rates), 1),
+          "tokens_per_sec_max": round(max(rates), 1)}
+
+
 def run(*, workdir: str | None = None, config: config_lib.StageConfig | None = None,
         step=None, steps: int = 20, torch: str = "auto", **unused_flags) -> dict:
-  """The train benchmark of --config (a fresh model on random tokens)."""
+  """The train benchmark of --config (a fresh model on random tokens), or the rate a trained
+  --workdir logged."""
   del step
+  if workdir and config is None:
+    return logged_rate(workdir)
   if config is None or workdir:
-    raise UserError("`bench train` needs --config FILE (e.g. experiments/bench_cpu.py), not "
-                     "--workdir: it times a fresh model on random tokens.")
+    raise UserError("`bench train` needs --config FILE (e.g. experiments/bench_cpu.py) to "
+                     "time a fresh model on random tokens, or --workdir DIR alone to read the "
+                     "rate a `gptjax train` run logged.")
   return train(config, steps=steps, torch=torch)
