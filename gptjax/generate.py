@@ -299,8 +299,9 @@ class Generator:
   """A model and its parameters on a mesh; compiles each decoding shape once and reuses it."""
 
   def __init__(self, model: model_lib.Transformer, params, mesh: jax.sharding.Mesh, rules,
-               *, stop_ids: Sequence[int] = STOP_IDS):
+               *, stop_ids: Sequence[int] = STOP_IDS, step: int | None = None):
     params = nn.unbox(params)
+    self.step = step  # The checkpoint step of `params` (None: not read from a checkpoint).
     if model.cfg.scan_layers:
       params = model_lib.unstack_layers(params)  # The cached path runs unscanned layers.
     # Remat only matters for gradients; decoding runs plain blocks.
@@ -425,10 +426,10 @@ def load(workdir: str, step: int | str | None = None, *, mesh=None,
                      "--workdir of a trained run.")
   checkpoints = ckpt_lib.Checkpoints(directory, read_only=True)
   try:
-    params, _ = checkpoints.load(  # LoRA: folded.
+    params, found = checkpoints.load(  # LoRA: folded.
         step, lambda n: lora_lib.load_params(workdir, n, abstract))
   finally:
     checkpoints.close()
   if stop_ids is None:
     stop_ids = (tokenizer.end_id, tokenizer.eos_id)
-  return Generator(model, params, mesh, rules, stop_ids=stop_ids), tokenizer
+  return Generator(model, params, mesh, rules, stop_ids=stop_ids, step=found), tokenizer

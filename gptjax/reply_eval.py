@@ -24,7 +24,6 @@ from collections.abc import Sequence
 
 import jax
 
-from gptjax import checkpoint as ckpt_lib
 from gptjax import datasets, dialogue, evaluate, reply_metrics
 from gptjax import generate as generate_lib
 from gptjax import workdir as workdir_lib
@@ -114,12 +113,8 @@ def evaluate_replies(workdir: str, *, split: str | None = None, step: str | None
                     "--split FILE.jsonl.")
   conversations, _ = datasets.conversations(data, "eval")
   turns = held_out_turns(conversations, num_conversations)
-  checkpoints = ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True)
-  try:
-    step_number = checkpoints.resolve(step)
-  finally:
-    checkpoints.close()
-  generator, tokenizer = generate_lib.load(workdir, step_number, mesh=mesh)
+  # A damaged latest step falls back to the newest that restores (see Checkpoints.load).
+  generator, tokenizer = generate_lib.load(workdir, step, mesh=mesh)
   start = time.perf_counter()
   prompts, completions = generate_replies(generator, tokenizer, turns, sampling, batch_size)
   seconds = time.perf_counter() - start
@@ -128,7 +123,7 @@ def evaluate_replies(workdir: str, *, split: str | None = None, step: str | None
   for record, prompt, completion in zip(records, prompts, completions):
     record["prompt_tokens"] = len(prompt)
     record["reply_tokens"] = len(completion.tokens)
-  summary = {"step": step_number, "split": split or evaluate.eval_name(data),
+  summary = {"step": generator.step, "split": split or evaluate.eval_name(data),
              "conversations": len({t.conversation for t in turns}),
              "sampling": dataclasses.asdict(sampling), **corpus,
              "generate_seconds": seconds, "file": os.path.join(workdir, TURNS_FILE)}

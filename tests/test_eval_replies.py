@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 from conftest import gptjax, write_chats
@@ -121,3 +122,17 @@ def test_eval_generate_is_reproducible_and_writes_the_turns(trained_runs):
   summary = json.loads(out.stdout.strip().splitlines()[-1])
   assert summary["turns"] == 4 and summary["sampling"]["temperature"] == 0.0, "greedy default"
   assert 0 <= summary["ended_rate"] <= 1 and "chrf" in summary
+
+
+@pytest.mark.slow
+def test_eval_generate_falls_back_from_a_damaged_latest_step(trained_runs, tmp_path, capfd):
+  from test_robust_damage import damage
+
+  workdir = str(shutil.copytree(os.path.join(trained_runs["pipeline"], "dialogue"),
+                                tmp_path / "dialogue"))
+  steps = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+  damage(os.path.join(workdir, "checkpoints", str(steps[-1])), "truncated_arrays")
+  summary = reply_eval.evaluate_replies(
+      workdir, num_conversations=1, sampling=generate_lib.Sampling(max_new_tokens=2))
+  assert summary["step"] == steps[-2]
+  assert f"checkpoint {steps[-1]}" in capfd.readouterr().err
