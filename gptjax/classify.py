@@ -278,7 +278,6 @@ def scores(confusion) -> dict:
 def classify_texts(workdir: str, texts: list[str], step=None, mesh=None) -> list[dict]:
   """[{"text", "label", "probabilities": {label: p}}] from a classification run."""
   # pylint: disable=import-outside-toplevel  (steps and lora import this module)
-  from gptjax import checkpoint as ckpt_lib
   from gptjax import lora as lora_lib
   from gptjax import sharding
   from gptjax import steps as steps_lib
@@ -295,12 +294,7 @@ def classify_texts(workdir: str, texts: list[str], step=None, mesh=None) -> list
   mesh = mesh or sharding.make_mesh(config.mesh.sizes)
   plain = config.replace(lora={"rank": 0})
   programs = steps_lib.compile_programs(plain, mesh)
-  checkpoints = ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True)
-  try:  # The latest step falls back to an older one if its arrays are damaged.
-    params, _ = checkpoints.load(
-        step, lambda n: lora_lib.load_params(workdir, n, programs.abstract_state().params))
-  finally:
-    checkpoints.close()
+  params, _ = lora_lib.load_checkpoint(workdir, step, programs.abstract_state().params)
   seq_len, labels = config.data.seq_len, config.classify.label_names
   rows = [to_row(encode(tokenizer, t, seq_len), 0, seq_len) for t in texts]
   batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}

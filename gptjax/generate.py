@@ -424,12 +424,7 @@ def load(workdir: str, step: int | str | None = None, *, mesh=None,
   if not os.path.isdir(directory):
     raise UserError(f"{workdir} has no checkpoints/ folder; train it first or pass the "
                      "--workdir of a trained run.")
-  checkpoints = ckpt_lib.Checkpoints(directory, read_only=True)
-  try:
-    params, found = checkpoints.load(  # LoRA: folded.
-        step, lambda n: lora_lib.load_params(workdir, n, abstract))
-  finally:
-    checkpoints.close()
+  params, found = lora_lib.load_checkpoint(workdir, step, abstract)  # LoRA: folded.
   if stop_ids is None:
     stop_ids = (tokenizer.end_id, tokenizer.eos_id)
   return Generator(model, params, mesh, rules, stop_ids=stop_ids, step=found), tokenizer

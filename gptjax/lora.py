@@ -275,6 +275,17 @@ def load_params(workdir: str, step: int, abstract_params):
   return jax.jit(fold, out_shardings=shardings)(base, adapters)
 
 
+def load_checkpoint(workdir: str, step, abstract_params):
+  """(parameters, step) of checkpoint `step` (None: latest, "best" or a number) of a run, as
+  `load_params` gives them; the latest falls back to the newest step that restores if its
+  arrays are damaged (Checkpoints.load). For readers: sampling, serving, classifying."""
+  checkpoints = ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True)
+  try:
+    return checkpoints.load(step, lambda n: load_params(workdir, n, abstract_params))
+  finally:
+    checkpoints.close()
+
+
 def load_base(config, workdir: str, abstract_base):
   """The frozen base parameters a LoRA stage in `workdir` trains on."""
   return load_params(*base_source(config, workdir), abstract_base)
