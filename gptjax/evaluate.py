@@ -7,7 +7,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from gptjax import checkpoint as ckpt_lib
 from gptjax import classify as classify_lib
 from gptjax import config as config_lib
 from gptjax import datasets
@@ -65,15 +64,14 @@ def eval_workdir(workdir: str, *, split: str | None = None, step: str | None = N
   if split:
     config = config.replace(data=with_eval_split(config.data, split))
   mesh = mesh or sharding.make_mesh(config.mesh.sizes)
-  checkpoints = ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True)
   tokenizer = workdir_lib.load_tokenizer(workdir)
   batches, _ = datasets.eval_batches(config, tokenizer)
   if not batches:
     raise UserError(f"{workdir} has no eval set configured; pass --split NAME.")
   # A LoRA run evaluates as the plain model its adapters fold into.
   programs = steps_lib.compile_programs(config.replace(lora={"rank": 0}), mesh)
-  params, step_number = checkpoints.load(
-      step, lambda n: lora_lib.load_params(workdir, n, programs.abstract_state().params))
+  params, step_number = lora_lib.load_checkpoint(workdir, step,
+                                                  programs.abstract_state().params)
   metrics = {"step": step_number, "split": split or eval_name(config.data),
              **evaluate(programs, params, batches, confusion=True)}
   if "confusion" in metrics:

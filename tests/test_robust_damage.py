@@ -76,14 +76,21 @@ def test_a_step_whose_arrays_are_cut_short_is_an_error_naming_it(run):
   assert len(out.stderr.strip().splitlines()) == 1
 
 
-def test_readers_fall_back_from_a_latest_step_whose_arrays_are_cut_short(run):
+def test_readers_fall_back_from_a_latest_step_whose_arrays_are_cut_short(run, monkeypatch):
   from gptjax import evaluate, generate
 
   damage(os.path.join(run, "checkpoints", "4"), "truncated_arrays")
+  open_managers = set()
+  init, close = ckpt_lib.Checkpoints.__init__, ckpt_lib.Checkpoints.close
+  monkeypatch.setattr(ckpt_lib.Checkpoints, "__init__",
+                      lambda self, *a, **k: (open_managers.add(self), init(self, *a, **k))[1])
+  monkeypatch.setattr(ckpt_lib.Checkpoints, "close",
+                      lambda self: (open_managers.discard(self), close(self))[1])
   metrics = evaluate.eval_workdir(run)
   assert metrics["step"] == 2
   generator, _ = generate.load(run)
   assert generator.step == 2
+  assert not open_managers, "a reader left a checkpoint manager (and its threads) open"
   out = gptjax("sample", "--workdir", run, "--prompt", "ROMEO:", "--max_new_tokens", "4")
   assert out.returncode == 0, out.stderr
   assert "checkpoint 4" in out.stderr and "is damaged" in out.stderr
