@@ -6,6 +6,7 @@ tests/test_hf_import.py."""
 import importlib.util
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ import safetensors.numpy
 import tokenizers
 from conftest import gptjax
 from test_hf_import import FAMILIES, GOLDENS, imported  # noqa: F401  (a fixture)
+from test_robust_damage import damage
 
 from gptjax import config as config_lib
 from gptjax import dialogue, generate
@@ -122,6 +124,24 @@ def test_trained_sentencepiece_workdir_exports_a_tokenizer_that_encodes_alike(
     assert backend.decode(tokenizer.encode(text), skip_special_tokens=False) == text
   again = gptjax("export-hf", "--workdir", trained_workdir, "--out", out)
   assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_a_damaged_latest_step_exports_the_previous_one_and_a_named_one_is_an_error(
+    trained_workdir, tmp_path, capfd):
+  from gptjax import checkpoint as ckpt_lib
+
+  run = str(shutil.copytree(trained_workdir, tmp_path / "run"))  # Checkpoints 2 and 4.
+  damage(os.path.join(run, "checkpoints", "4"), "truncated_arrays")
+  exporter.export_hf(run, str(tmp_path / "latest"))
+  err = capfd.readouterr().err
+  assert "checkpoint 4" in err and "is damaged" in err and "using the previous one" in err
+  exporter.export_hf(run, str(tmp_path / "two"), step="2")
+  with open(tmp_path / "latest" / "model.safetensors", "rb") as a, \
+       open(tmp_path / "two" / "model.safetensors", "rb") as b:
+    assert a.read() == b.read(), "the latest export is not checkpoint 2's"
+  with pytest.raises(ckpt_lib.DamagedCheckpointError, match="Checkpoint 4 .* is damaged"):
+    exporter.export_hf(run, str(tmp_path / "four"), step="4")
+  assert not (tmp_path / "four").exists()
 
 
 # ----------------------------------------------------------------------------- transformers

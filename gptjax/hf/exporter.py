@@ -42,17 +42,13 @@ def family_for(m: model_lib.ModelConfig):
 
 
 def restore_params(workdir: str, step, mesh=None):
-  """(config, unscanned parameters) of checkpoint `step` of `workdir`; a LoRA run's with its
-  adapters folded into its base (the export holds merged weights)."""
+  """(config, unscanned parameters) of checkpoint `step` of `workdir` (the latest falls back
+  from a damaged one, as for every reader); a LoRA run's with its adapters folded into its
+  base (the export holds merged weights)."""
   config = workdir_lib.read_config(workdir)
   mesh = mesh or sharding.make_mesh(config.mesh.sizes)
   shapes, shardings = importer.abstract_params(config, mesh)
-  checkpoints = ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True)
-  try:
-    step = checkpoints.resolve(step)
-  finally:
-    checkpoints.close()
-  params = lora_lib.load_params(workdir, step, ckpt_lib.abstract_like(shapes, shardings))
+  params, _ = lora_lib.load_checkpoint(workdir, step, ckpt_lib.abstract_like(shapes, shardings))
   if config.model.scan_layers:
     params = model_lib.unstack_layers(params)
   return config, params
