@@ -186,6 +186,15 @@ def gptjax(*args, stdin=None, env=None, check=False, timeout=600):
   return out
 
 
+def free_port() -> int:
+  """A local TCP port free now (for a JAX coordinator the test's subprocesses start)."""
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory, tfds_data_dir, tiny_tokenizer_file):
   """A tiny model trained for 4 steps, with a 64-token context for chat histories."""

@@ -3,14 +3,20 @@ and match one process fed the same global batches."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, TINY_EXPERIMENT, compile_programs, make_mesh, tiny_config
+from conftest import (
+  ROOT,
+  TINY_EXPERIMENT,
+  compile_programs,
+  free_port,
+  make_mesh,
+  tiny_config,
+)
 
 from gptjax import checkpoint as ckpt_lib
 from gptjax import config as config_lib
@@ -20,14 +26,8 @@ from gptjax import workdir as workdir_lib
 
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _launch_two(experiment, workdir, *overrides):
-  port = _free_port()
+  port = free_port()
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
          "JAX_PLATFORMS": "cpu"}
   procs = [subprocess.Popen(

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, TINY_EXPERIMENT, gptjax, with_tokenizer
+from conftest import ROOT, TINY_EXPERIMENT, free_port, gptjax, with_tokenizer
 
 STEPS = 150  # Long enough that the signal lands mid-run, short enough to rerun quickly.
 LONG_RUN = [f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=1000",
@@ -122,14 +122,10 @@ def test_save_every_minutes_checkpoints_at_logging_steps_between_step_based_ones
 @pytest.mark.slow
 def test_two_processes_agree_on_the_step_when_one_is_preempted(tmp_path, tfds_data_dir,
                                                               tiny_tokenizer_file):
-  import socket
-
   experiment = tmp_path / "tiny.py"
   experiment.write_text(TINY_EXPERIMENT)
   run = with_tokenizer(tmp_path / "run", tiny_tokenizer_file)
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+  port = free_port()
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
          "JAX_PLATFORMS": "cpu"}
   procs = [subprocess.Popen(
