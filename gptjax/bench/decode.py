@@ -24,8 +24,19 @@ from gptjax.bench import probes
 from gptjax.errors import UserError
 
 
-def _params_bytes(params) -> int:
-  return sum(x.nbytes for x in jax.tree.leaves(params))
+def _weights_read_per_step(generator: generate_lib.Generator) -> int:
+  """Bytes of the weights one decode step reads: every parameter but the tables it only
+  looks rows up in (the token embedding when it is not also the output head, and the
+  position embedding)."""
+  lookups = {"pos_embedding"} | (set() if generator.model.cfg.tie_embeddings else {"embedding"})
+  return sum(x.nbytes for name, tree in generator.params.items() if name not in lookups
+             for x in jax.tree.leaves(tree))
+
+
+def _model_params(generator: generate_lib.Generator) -> int:
+  """The model's parameter count (not counting the generator's copy of a tied head)."""
+  return sum(x.size for name, tree in generator.params.items()
+             if not (generator.head_copy and name == "head") for x in jax.tree.leaves(tree))
 
 
 def decode(generator: generate_lib.Generator, *, batch_sizes=(1, 8), prompt_len: int | None = None,
@@ -72,12 +83,12 @@ def decode(generator: generate_lib.Generator, *, batch_sizes=(1, 8), prompt_len:
     # Useful work: attention over the mean context of the timed steps.
     flops = flops_lib.decode_flops_per_token(cfg, prompt_len + new_tokens / 2)
     flop_bound = rate * 1e9 / flops
-    # Each step reads every weight once and the whole cache (all of its columns).
+    # Each step reads every weight matrix once and the whole cache (all of its columns).
     capacity = (generate_lib.bucket_length(prompt_len, cfg.max_len)
                 + generate_lib.Plan.of(sampling, cfg.max_len, ()).max_new_tokens)
     cache_bytes = 2 * cfg.num_layers * batch * capacity * cfg.d_model * jnp.dtype(
         cfg.compute_dtype).itemsize
-    step_bytes = _params_bytes(generator.params) + cache_bytes
+    step_bytes = _weights_read_per_step(generator) + cache_bytes
     bandwidth = probes.memory_gbps(step_bytes)
     memory_bound = batch * bandwidth * 1e9 / step_bytes
     bound = min(flop_bound, memory_bound)
@@ -96,7 +107,7 @@ def decode(generator: generate_lib.Generator, *, batch_sizes=(1, 8), prompt_len:
   return {
       "benchmark": "decode", "device": str(jax.devices()[0].device_kind),
       "devices": len(jax.devices()),
-      "params": int(sum(x.size for x in jax.tree.leaves(generator.params))),
+      "params": _model_params(generator),
       "matmul_gflops": round(rate, 1),
       "results": results,
   }
