@@ -3,6 +3,7 @@
 import gc
 import importlib.util
 import json
+import time
 
 import jax
 import flax.linen as nn
@@ -107,7 +108,10 @@ def test_train_benchmark_reports_throughput_and_mfu():
   for name in ("step_ms", "loop_step_ms"):  # Outliers are reported beside the median.
     assert 0 < report[f"{name}_min"] <= report[name] <= report[f"{name}_p90"] <= report[
         f"{name}_max"]
-  assert report["loop_ratio"] > 0 and len(report["gc_collections"]) == 3
+  assert report["loop_ratio"] > 0 and report["loop_ratio_of_means"] > 0
+  assert len(report["gc_collections"]) == 3
+  slow = report["slow_steps"]  # Every timed step, synchronised and back to back, once.
+  assert slow["slow"]["count"] + slow["typical"]["count"] == 2 * 2
   assert report["memory_events_per_step"]["minor_faults"] >= 0
   # The same step computing in bfloat16, float32 parameters: timed beside it, same loss.
   bf16 = report["bf16"]
@@ -174,6 +178,30 @@ def test_step_time_stats_and_gc_pauses():
   assert [g for g, _ in pauses] == [2, 0] and all(s >= 0 for _, s in pauses)
   assert bench_train.gc_stats(pauses)["gc_collections"] == [1, 0, 1]
   assert bench_train.gc_stats([])["gc_ms_max"] == 0
+
+
+def test_slow_steps_are_set_beside_the_typical_ones_with_their_cpu_time():
+  typical = {"wall": 1.0, "own": 1.9, "busy": 2.0, "steal": 0.0}
+  stalled = {"wall": 1.5, "own": 1.9, "busy": 2.6, "steal": 0.3}  # Waited for the cores.
+  loop = [{"wall": 2.0, "own": 3.8, "busy": 3.9, "steal": 0.0}] * 3  # Its own median.
+  report = bench_train.slow_steps([typical] * 8 + [stalled] * 2, loop)
+  assert report["slow"] == {"count": 2, "wall_ms": 1500.0, "own_cpu_ms": 1900.0,
+                            "others_cpu_ms": 700.0, "steal_ms": 300.0}
+  assert report["typical"]["count"] == 11 and report["typical"]["steal_ms"] == 0.0
+  no_proc = bench_train.slow_steps([{"wall": 1.0, "own": 1.0}] * 3)
+  assert no_proc["typical"] == {"count": 3, "wall_ms": 1000.0, "own_cpu_ms": 1000.0}
+  assert no_proc["slow"] == {"count": 0}
+
+
+def test_cpu_seconds_count_this_processs_work_and_the_machines():
+  before = probes.cpu_seconds()
+  deadline = time.process_time() + 0.2
+  while time.process_time() < deadline:  # Busy: user time of this process.
+    pass
+  after = probes.cpu_seconds()
+  assert after["own"] - before["own"] >= 0.19
+  if "busy" in before:  # Linux: the machine was busy at least as long as this process.
+    assert after["busy"] - before["busy"] >= 0.1 and after["steal"] >= before["steal"]
 
 
 def test_logged_rate_reads_a_train_runs_windows_after_the_warm_up(tmp_path):
