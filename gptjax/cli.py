@@ -543,7 +543,12 @@ def main(argv):
 
   # First, before jax starts: this may re-execute the command (gptjax/host.py).
   host = _host_config()
-  host_lib.apply(host["hugepages"], host["xla_cpu_flags"], sys.argv)
+  try:
+    host_lib.apply(host["hugepages"], host["xla_cpu_flags"], sys.argv,
+                   host.get("allocator", "auto"))
+  except UserError as e:
+    print(f"gptjax {argv[1]}: error: {e}", file=sys.stderr)
+    _exit(1)
   from gptjax.train import Interrupted, NonFiniteLossError  # pylint: disable=g-import-not-at-top
 
   command = argv[1]

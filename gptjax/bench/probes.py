@@ -89,13 +89,14 @@ def memory_events() -> dict:
 
 
 def cpu_seconds() -> dict:
-  """CPU time so far, in seconds: this process's (`own`: user + system, all threads) and,
+  """CPU time so far, in seconds: this process's (`own`: user + system, all threads;
+  `own_system`: the part spent in the kernel, e.g. mapping and zeroing pages) and,
   machine-wide on Linux, the time the cores were busy (`busy`: any process, the kernel's
   interrupts included) and the time the hypervisor gave them to another guest (`steal`).
   Differences over a step say whether it shared the cores: busy - own is the other
   processes' share; steal is time the step's threads were ready but not running."""
   usage = resource.getrusage(resource.RUSAGE_SELF)
-  seconds = {"own": usage.ru_utime + usage.ru_stime}
+  seconds = {"own": usage.ru_utime + usage.ru_stime, "own_system": usage.ru_stime}
   try:
     with open("/proc/stat") as f:
       fields = [int(x) for x in f.readline().split()[1:9]]

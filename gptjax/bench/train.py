@@ -63,8 +63,9 @@ def _step_record(start: tuple[float, dict], end: tuple[float, dict]) -> dict:
 
 def slow_steps(*kinds: list[dict], over: float = 1.1) -> dict:
   """Steps slower than `over` x their kind's median wall time beside the others: how many,
-  and per step on average the wall time, this process's CPU time, the other processes' CPU
-  time (machine busy - own) and the hypervisor's steal, in milliseconds. A slow step with
+  and per step on average the wall time, this process's CPU time (and its part in the
+  kernel), the other processes' CPU time (machine busy - own) and the hypervisor's steal, in
+  milliseconds. A slow step with
   the typical own CPU time and more steal or others' time waited for the cores; one with
   more own CPU time did more work."""
   groups = {"slow": [], "typical": []}
@@ -77,7 +78,7 @@ def slow_steps(*kinds: list[dict], over: float = 1.1) -> dict:
     ms = lambda key: round(1000 * float(np.mean([r[key] for r in records])), 1)
     out = {"count": len(records)}
     if records:
-      out.update(wall_ms=ms("wall"), own_cpu_ms=ms("own"))
+      out.update(wall_ms=ms("wall"), own_cpu_ms=ms("own"), own_system_ms=ms("own_system"))
       if "busy" in records[0]:
         out["others_cpu_ms"] = round(1000 * float(np.mean(
             [r["busy"] - r["own"] for r in records])), 1)
