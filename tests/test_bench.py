@@ -11,10 +11,13 @@ import jax.numpy as jnp
 import pytest
 from conftest import TINY_EXPERIMENT, gptjax, tiny_config
 
+from gptjax.bench import decode as bench_decode
 from gptjax.bench import flops as flops_lib
+from gptjax.bench import hf_generate
 from gptjax.bench import probes
 from gptjax.bench import train as bench_train
 from gptjax import config as config_lib
+from gptjax import generate as generate_lib
 from gptjax import model as model_lib
 from gptjax import steps as steps_lib
 from gptjax.errors import UserError
@@ -231,6 +234,22 @@ def test_memory_bandwidth_is_the_faster_of_reading_and_copying(monkeypatch):
   monkeypatch.setattr(probes, "compiled_best_seconds",
                       lambda fn, *args, repeats: 1.0 if fn is jnp.sum else 0.5)
   assert probes.memory_gbps(4096) == pytest.approx(4 * 4096 / 1e9)
+
+
+def test_decode_peer_is_transformers_generate_on_the_same_model():
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  config = config_lib.stage_config(tiny_config())
+  generator = bench_decode.generator_from_config(config)
+  assert generator.head_copy  # Exported tied again, without the generator's copy.
+  peer = hf_generate.peer(generator, (1, 2), prompt_len=4, new_tokens=6, repeats=1)
+  assert [r["batch"] for r in peer["results"]] == [1, 2], peer
+  assert all(r["decode_tokens_per_sec"] > 0 for r in peer["results"])
+  prompt = hf_generate.prompts(config.model.vocab_size, 1, 4)[0].tolist()
+  greedy = generate_lib.Sampling(max_new_tokens=6, temperature=0)
+  assert peer["results"][0]["row0_tokens"] == generator.generate([prompt], greedy)[0].tokens
+  unmapped = config.replace(model={"positions": "rope", "norm": "layernorm"})  # No family.
+  assert "skipped" in hf_generate.peer(bench_decode.generator_from_config(unmapped), (1,), 4, 6)
 
 
 def test_torch_reference_only_times_the_model_it_implements():

@@ -20,6 +20,7 @@ from gptjax import config as config_lib
 from gptjax import generate as generate_lib
 from gptjax import steps as steps_lib
 from gptjax.bench import flops as flops_lib
+from gptjax.bench import hf_generate
 from gptjax.bench import probes
 from gptjax.errors import UserError
 
@@ -40,14 +41,24 @@ def _model_params(generator: generate_lib.Generator) -> int:
 
 
 def decode(generator: generate_lib.Generator, *, batch_sizes=(1, 8), prompt_len: int | None = None,
-           new_tokens: int | None = None, repeats: int = 5) -> dict:
-  """Prefill and decode throughput of `generator` (greedy, no stop token) per batch size."""
+           new_tokens: int | None = None, repeats: int = 5, torch: str = "off") -> dict:
+  """Prefill and decode throughput of `generator` (greedy, no stop token) per batch size.
+
+  `torch`: "auto" also times transformers' generate on the same model and weights
+  (gptjax/bench/hf_generate.py) where torch and transformers are installed; "on" insists.
+  """
   cfg = generator.model.cfg
   prompt_len = prompt_len or max(1, cfg.max_len // 4)
   new_tokens = new_tokens or max(2, min(cfg.max_len // 2, cfg.max_len - prompt_len))
   if prompt_len + new_tokens > cfg.max_len:
     raise UserError(f"prompt_len={prompt_len} + new_tokens={new_tokens} exceeds the model's "
                      f"max_len={cfg.max_len}; lower one of them.")
+  # The peer first, in a subprocess, before this process times anything.
+  peer = None if torch == "off" else hf_generate.peer(generator, batch_sizes, prompt_len,
+                                                      new_tokens)
+  if torch == "on" and "skipped" in peer:
+    raise UserError(f"--torch=on, but {peer['skipped']}.")
+  peer_rates = {r["batch"]: r["decode_tokens_per_sec"] for r in (peer or {}).get("results", [])}
   # The compute dtype's rate: a bf16 model on a GPU runs its matmuls on the bf16 tensor cores,
   # twice the float32 (TF32) rate. Accelerators need larger matmuls than a CPU to reach it.
   on_cpu = jax.devices()[0].platform == "cpu"
@@ -104,12 +115,17 @@ def decode(generator: generate_lib.Generator, *, batch_sizes=(1, 8), prompt_len:
         "ratio": round(bound / decode_tps, 2),
         "recompiles": recompiles[0],
     })
+    if batch in peer_rates:
+      results[-1].update(hf_generate_decode_tokens_per_sec=peer_rates[batch],
+                         ratio_to_hf=round(decode_tps / peer_rates[batch], 2))
   return {
       "benchmark": "decode", "device": str(jax.devices()[0].device_kind),
       "devices": len(jax.devices()),
       "params": _model_params(generator),
       "matmul_gflops": round(rate, 1),
       "results": results,
+      **({} if peer is None else {"hf_generate": {k: v for k, v in peer.items()
+                                                  if k != "results"}}),
   }
 
 
@@ -123,7 +139,8 @@ def generator_from_config(config: config_lib.StageConfig) -> generate_lib.Genera
 
 
 def run(*, workdir: str | None = None, config: config_lib.StageConfig | None = None,
-        step: int | str | None = None, batch_sizes=(1, 8), **unused_flags) -> dict:
+        step: int | str | None = None, batch_sizes=(1, 8), torch: str = "auto",
+        **unused_flags) -> dict:
   """The decode benchmark on a trained run (`workdir`) or on random weights (`config`)."""
   if workdir:
     generator, _ = generate_lib.load(workdir, step, stop_ids=())  # Decode every token.
@@ -132,6 +149,6 @@ def run(*, workdir: str | None = None, config: config_lib.StageConfig | None = N
   else:
     raise UserError("`bench decode` needs --workdir DIR (a trained run) or --config FILE "
                      "(random weights of that model).")
-  return decode(generator, batch_sizes=batch_sizes)
+  return decode(generator, batch_sizes=batch_sizes, torch=torch)
 
 
