@@ -21,18 +21,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
-
-def _best_seconds(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
+from gptjax.bench import probes
 
 
 def prompts(vocab: int, batch: int, prompt_len: int) -> np.ndarray:
@@ -58,8 +50,8 @@ def measure(model_dir: str, batch_sizes, prompt_len: int, new_tokens: int,
                               min_new_tokens=n, do_sample=False, pad_token_id=0)
 
     generate(2)  # Warm-up.
-    first_s = _best_seconds(lambda: generate(1), repeats)
-    all_s = _best_seconds(lambda: generate(new_tokens), repeats)
+    first_s = probes.best_seconds(lambda: generate(1), repeats)
+    all_s = probes.best_seconds(lambda: generate(new_tokens), repeats)
     results.append({"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
                     # Row 0's tokens, to check that the peer runs the same model.
                     "row0_tokens": generate(new_tokens)[0, prompt_len:].tolist(),
