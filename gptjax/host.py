@@ -12,9 +12,10 @@ Three settings (`config.host`), each measured on the CPU train benchmark
                  ~120 ms of CPU time a step, and 350-580 ms in the steps it stalls (the
                  steps over 1.1x the median in `bench train`'s `slow_steps`). jemalloc,
                  with JEMALLOC_CONF (no separate arena for large blocks, freed pages kept
-                 30 s), hands the same pages back to the next step: kernel time 11-24 ms a
-                 step, the step 19-20% shorter, at the cost of keeping the freed memory
-                 (peak resident memory +0.7 GB on the reference step). It must be loaded
+                 30 s), hands the same pages back to the next step: kernel time 5-24 ms a
+                 step, the step 19-20% shorter in two A/B pairs (6-21% in later runs), at
+                 the cost of keeping the freed memory (peak resident memory +0.7 GB on the
+                 reference step). It must be loaded
                  when the process starts, so the command line re-executes itself once with
                  LD_PRELOAD (and MALLOC_CONF, unless set) in its environment.
   hugepages      With glibc's malloc only: XLA:CPU allocates a step's temporaries afresh on every call (700 MB for the
