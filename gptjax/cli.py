@@ -25,8 +25,9 @@
   export-hf --workdir DIR --out HF_DIR [--step N|best] [--dtype float32|bfloat16]
            Writes a checkpoint as a Hugging Face model directory transformers loads.
   bench    decode (--workdir DIR | --config experiments/NAME.py) [--step N|best]
-           [--batch_sizes 1,8,64]
-           Prefill and decode tokens/s at each batch size against the machine's limits, as JSON.
+           [--batch_sizes 1,8,64] [--torch auto|on|off]
+           Prefill and decode tokens/s at each batch size against the machine's limits (on
+           the CPU, next to transformers' generate on the same model), as JSON.
   bench    serve --workdir DIR [--clients 1,8,32] [--requests N] [--step N|best]
            Serving throughput and latency with concurrent streaming clients on the loopback,
            next to sequential chat-style decoding, as JSON.
@@ -119,7 +120,9 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
 _BENCH_STEPS = flags.DEFINE_integer("steps", 20, "bench train: timed steps after the warm-up.")
 _TORCH = flags.DEFINE_enum(
     "torch", "auto", ["auto", "on", "off"], "bench train: also time the PyTorch reference step "
-    "(gptjax/bench/torch_gpt.py); auto: when torch is installed and the run is on the CPU.")
+    "(gptjax/bench/torch_gpt.py); bench decode: also time transformers' generate on the same "
+    "model (gptjax/bench/hf_generate.py); auto: when they are installed and the run is on the "
+    "CPU.")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "serve: address to listen on.")
 _PORT = flags.DEFINE_integer("port", 8000, "serve: TCP port to listen on.")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "serve: decode slots (concurrent requests).")
@@ -543,7 +546,12 @@ def main(argv):
 
   # First, before jax starts: this may re-execute the command (gptjax/host.py).
   host = _host_config()
-  host_lib.apply(host["hugepages"], host["xla_cpu_flags"], sys.argv)
+  try:
+    host_lib.apply(host["hugepages"], host["xla_cpu_flags"], sys.argv,
+                   host.get("allocator", "auto"))
+  except UserError as e:
+    print(f"gptjax {argv[1]}: error: {e}", file=sys.stderr)
+    _exit(1)
   from gptjax.train import Interrupted, NonFiniteLossError  # pylint: disable=g-import-not-at-top
 
   command = argv[1]

@@ -68,7 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.host = h = ml_collections.ConfigDict()
   # Process-level settings, applied by the command line at start (gptjax/host.py).
-  h.hugepages = True  # Back XLA:CPU's per-step buffers with transparent huge pages (Linux).
+  # Memory allocator: "auto" = jemalloc where installed (apt-get install libjemalloc2), which
+  # reuses XLA:CPU's per-step buffers instead of zeroing fresh pages every step; "glibc".
+  h.allocator = "auto"
+  h.hugepages = True  # glibc: back XLA:CPU's per-step buffers with transparent huge pages.
   h.xla_cpu_flags = "auto"  # XLA flags: "auto" = gptjax's measured CPU defaults, "" = none.
 
   c.tokenizer = t = ml_collections.ConfigDict()
@@ -373,6 +376,11 @@ class HostConfig:
   """`config.host`: process settings applied at start (gptjax/host.py)."""
   hugepages: bool
   xla_cpu_flags: str
+  allocator: str = "auto"  # Absent from workdirs written before it existed.
+
+  def __post_init__(self):
+    _check(self.allocator in ("auto", "jemalloc", "glibc"), "host.allocator", self.allocator,
+           "'auto' (jemalloc where installed), 'jemalloc' or 'glibc'")
 
 
 @dataclasses.dataclass(frozen=True)

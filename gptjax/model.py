@@ -427,6 +427,13 @@ def unstack_layers(params):
   return params
 
 
+def untie_head(params):
+  """Parameters of a tied-embedding model, plus its output head as a leaf of its own: a
+  transposed copy of the embedding, [D, V], for the same model built with
+  tie_embeddings=False (see generate.Generator)."""
+  return {**params, "head": jnp.transpose(params["embedding"])}
+
+
 def _block_class(cfg: ModelConfig):
   if cfg.remat == "none":
     return Block

@@ -15,6 +15,12 @@ os.environ["XLA_FLAGS"] = host.xla_flags(
     "auto", os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
 if host.hugepages_supported():
   os.environ["GLIBC_TUNABLES"] = host.glibc_tunables(True)
+# Likewise the allocator the command line preloads where it is installed (host.allocator
+# "auto"), for the `gptjax()` subprocesses only: other programs the tests start (Chromium)
+# keep their own.
+ALLOCATOR_ENV = ({"LD_PRELOAD": host.preload(host.jemalloc_library()),
+                  "MALLOC_CONF": os.environ.get("MALLOC_CONF") or host.JEMALLOC_CONF}
+                 if host.jemalloc_library() else {})
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import shutil  # noqa: E402
@@ -180,7 +186,7 @@ def gptjax(*args, stdin=None, env=None, check=False, timeout=600):
   """`python -m gptjax ARGS` from the checkout; a CompletedProcess with text output."""
   out = subprocess.run([sys.executable, "-m", "gptjax", *map(str, args)], input=stdin,
                        capture_output=True, text=True, cwd=ROOT, timeout=timeout,
-                       env=None if env is None else {**os.environ, **env})
+                       env={**os.environ, **ALLOCATOR_ENV, **(env or {})})
   if check and out.returncode:
     raise AssertionError(f"gptjax {args} failed:\n{out.stdout}\n{out.stderr}")
   return out

@@ -3,6 +3,7 @@
 import gc
 import importlib.util
 import json
+import time
 
 import jax
 import flax.linen as nn
@@ -10,10 +11,13 @@ import jax.numpy as jnp
 import pytest
 from conftest import TINY_EXPERIMENT, gptjax, tiny_config
 
+from gptjax.bench import decode as bench_decode
 from gptjax.bench import flops as flops_lib
+from gptjax.bench import hf_generate
 from gptjax.bench import probes
 from gptjax.bench import train as bench_train
 from gptjax import config as config_lib
+from gptjax import generate as generate_lib
 from gptjax import model as model_lib
 from gptjax import steps as steps_lib
 from gptjax.errors import UserError
@@ -107,7 +111,10 @@ def test_train_benchmark_reports_throughput_and_mfu():
   for name in ("step_ms", "loop_step_ms"):  # Outliers are reported beside the median.
     assert 0 < report[f"{name}_min"] <= report[name] <= report[f"{name}_p90"] <= report[
         f"{name}_max"]
-  assert report["loop_ratio"] > 0 and len(report["gc_collections"]) == 3
+  assert report["loop_ratio"] > 0 and report["loop_ratio_of_means"] > 0
+  assert len(report["gc_collections"]) == 3
+  slow = report["slow_steps"]  # Every timed step, synchronised and back to back, once.
+  assert slow["slow"]["count"] + slow["typical"]["count"] == 2 * 2
   assert report["memory_events_per_step"]["minor_faults"] >= 0
   # The same step computing in bfloat16, float32 parameters: timed beside it, same loss.
   bf16 = report["bf16"]
@@ -176,6 +183,31 @@ def test_step_time_stats_and_gc_pauses():
   assert bench_train.gc_stats([])["gc_ms_max"] == 0
 
 
+def test_slow_steps_are_set_beside_the_typical_ones_with_their_cpu_time():
+  typical = {"wall": 1.0, "own": 1.9, "own_system": 0.1, "busy": 2.0, "steal": 0.0}
+  stalled = {"wall": 1.5, "own": 1.9, "own_system": 0.1, "busy": 2.6, "steal": 0.3}
+  loop = [{"wall": 2.0, "own": 3.8, "own_system": 0.2, "busy": 3.9, "steal": 0.0}] * 3
+  report = bench_train.slow_steps([typical] * 8 + [stalled] * 2, loop)
+  assert report["slow"] == {"count": 2, "wall_ms": 1500.0, "own_cpu_ms": 1900.0,
+                            "own_system_ms": 100.0, "others_cpu_ms": 700.0, "steal_ms": 300.0}
+  assert report["typical"]["count"] == 11 and report["typical"]["steal_ms"] == 0.0
+  no_proc = bench_train.slow_steps([{"wall": 1.0, "own": 1.0, "own_system": 0.0}] * 3)
+  assert no_proc["typical"] == {"count": 3, "wall_ms": 1000.0, "own_cpu_ms": 1000.0,
+                                "own_system_ms": 0.0}
+  assert no_proc["slow"] == {"count": 0}
+
+
+def test_cpu_seconds_count_this_processs_work_and_the_machines():
+  before = probes.cpu_seconds()
+  deadline = time.process_time() + 0.2
+  while time.process_time() < deadline:  # Busy: user time of this process.
+    pass
+  after = probes.cpu_seconds()
+  assert after["own"] - before["own"] >= 0.19 and after["own_system"] >= before["own_system"]
+  if "busy" in before:  # Linux: the machine was busy at least as long as this process.
+    assert after["busy"] - before["busy"] >= 0.1 and after["steal"] >= before["steal"]
+
+
 def test_logged_rate_reads_a_train_runs_windows_after_the_warm_up(tmp_path):
   rows = [{"step": 10 * i, "split": "train", "tokens_per_sec": rate}
           for i, rate in enumerate([100.0, 900.0, 1000.0, 1100.0], 1)]
@@ -202,6 +234,22 @@ def test_memory_bandwidth_is_the_faster_of_reading_and_copying(monkeypatch):
   monkeypatch.setattr(probes, "compiled_best_seconds",
                       lambda fn, *args, repeats: 1.0 if fn is jnp.sum else 0.5)
   assert probes.memory_gbps(4096) == pytest.approx(4 * 4096 / 1e9)
+
+
+def test_decode_peer_is_transformers_generate_on_the_same_model():
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  config = config_lib.stage_config(tiny_config())
+  generator = bench_decode.generator_from_config(config)
+  assert generator.head_copy  # Exported tied again, without the generator's copy.
+  peer = hf_generate.peer(generator, (1, 2), prompt_len=4, new_tokens=6, repeats=1)
+  assert [r["batch"] for r in peer["results"]] == [1, 2], peer
+  assert all(r["decode_tokens_per_sec"] > 0 for r in peer["results"])
+  prompt = hf_generate.prompts(config.model.vocab_size, 1, 4)[0].tolist()
+  greedy = generate_lib.Sampling(max_new_tokens=6, temperature=0)
+  assert peer["results"][0]["row0_tokens"] == generator.generate([prompt], greedy)[0].tokens
+  unmapped = config.replace(model={"positions": "rope", "norm": "layernorm"})  # No family.
+  assert "skipped" in hf_generate.peer(bench_decode.generator_from_config(unmapped), (1,), 4, 6)
 
 
 def test_torch_reference_only_times_the_model_it_implements():

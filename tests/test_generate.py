@@ -82,6 +82,20 @@ def test_greedy_equals_repeated_full_forward_argmax(positions):
     assert got == seq[len(prompt):]
 
 
+def test_on_the_cpu_a_tied_head_decodes_from_a_transposed_copy_with_the_same_logits():
+  # XLA:CPU runs `rows @ embedding.T` as a GEMM that repacks the table every decode step;
+  # the generator decodes through a [D, V] copy instead (see Generator.__init__).
+  model, params = _tiny()
+  generator = _generator(model, params)
+  assert generator.head_copy and not generator.model.cfg.tie_embeddings
+  np.testing.assert_array_equal(generator.params["head"], nn.unbox(params)["embedding"].T)
+  tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, TINY["vocab_size"])
+  np.testing.assert_allclose(generator.model.apply({"params": generator.params}, tokens),
+                             model.apply({"params": params}, tokens), atol=1e-6, rtol=1e-6)
+  untied, untied_params = _tiny(tie_embeddings=False)
+  assert not _generator(untied, untied_params).head_copy  # Its head is a [D, V] leaf already.
+
+
 def test_scanned_model_decodes_like_its_unscanned_twin():
   scanned, params = _tiny(scan_layers=True)
   unscanned = model_lib.Transformer(dataclasses.replace(scanned.cfg, scan_layers=False))

@@ -9,6 +9,7 @@ import pytest
 from conftest import ROOT, TINY_EXPERIMENT
 
 from gptjax import host
+from gptjax.errors import UserError
 
 
 
@@ -28,12 +29,31 @@ def test_glibc_tunables_keep_the_users_own():
   assert host.glibc_tunables(False, "x=1") == "x=1"
 
 
+def test_allocator_preloads_jemalloc_where_found_and_keeps_your_settings(monkeypatch):
+  for name in ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES"):
+    monkeypatch.delenv(name, raising=False)
+  env = host.settings(True, "auto", "auto", jemalloc="libjemalloc.so.2")
+  assert env["LD_PRELOAD"] == "libjemalloc.so.2" and env["MALLOC_CONF"] == host.JEMALLOC_CONF
+  assert "GLIBC_TUNABLES" not in env  # glibc's malloc tunable is moot under jemalloc.
+  assert "LD_PRELOAD" not in host.settings(True, "auto", "auto", jemalloc=None)  # Not here.
+  assert "LD_PRELOAD" not in host.settings(True, "auto", "glibc", jemalloc="libjemalloc.so.2")
+  monkeypatch.setenv("MALLOC_CONF", "narenas:1")
+  monkeypatch.setenv("LD_PRELOAD", "libother.so libjemalloc.so.2")
+  env = host.settings(True, "auto", "jemalloc", jemalloc="libjemalloc.so.2")
+  assert env["LD_PRELOAD"] == "libjemalloc.so.2 libother.so" and "MALLOC_CONF" not in env
+  with pytest.raises(UserError, match="apt-get install libjemalloc2"):
+    host.settings(True, "auto", "jemalloc", jemalloc=None)
+  with pytest.raises(UserError, match="host.allocator='tcmalloc' is not one of"):
+    host.settings(True, "auto", "tcmalloc", jemalloc=None)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not host.hugepages_supported(), reason="needs Linux, glibc and THP")
 def test_command_line_restarts_itself_with_huge_pages(tmp_path):
   experiment = tmp_path / "tiny.py"
   experiment.write_text(TINY_EXPERIMENT)
-  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "XLA_FLAGS")}
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("GLIBC_TUNABLES", "XLA_FLAGS", "LD_PRELOAD", "MALLOC_CONF")}
 
   def report(*overrides):
     out = subprocess.run([sys.executable, "-m", "gptjax", "bench", "train", "--config",
@@ -42,7 +62,13 @@ def test_command_line_restarts_itself_with_huge_pages(tmp_path):
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
-  on = report()
-  assert on["hugepages"] and on["xla_flags"] == host.CPU_XLA_FLAGS
-  off = report("--config.host.hugepages=False", "--config.host.xla_cpu_flags=")
+  glibc = report("--config.host.allocator=glibc")
+  assert glibc["hugepages"] and glibc["xla_flags"] == host.CPU_XLA_FLAGS
+  assert glibc["allocator"] == "glibc"
+  off = report("--config.host.allocator=glibc", "--config.host.hugepages=False",
+               "--config.host.xla_cpu_flags=")
   assert not off["hugepages"] and off["xla_flags"] == ""
+  # The default: jemalloc where installed (.ci/run installs it), preloaded by the restart.
+  default = report()
+  assert default["allocator"] == ("jemalloc" if host.jemalloc_library() else "glibc")
+  assert default["hugepages"] == (default["allocator"] == "glibc")

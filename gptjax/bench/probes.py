@@ -5,6 +5,7 @@ compilations and timing calls.
 
 import contextlib
 import gc
+import os
 import resource
 import time
 
@@ -85,6 +86,26 @@ def memory_events() -> dict:
     if name in vmstat:
       events[name] = int(vmstat[name])
   return events
+
+
+def cpu_seconds() -> dict:
+  """CPU time so far, in seconds: this process's (`own`: user + system, all threads;
+  `own_system`: the part spent in the kernel, e.g. mapping and zeroing pages) and,
+  machine-wide on Linux, the time the cores were busy (`busy`: any process, the kernel's
+  interrupts included) and the time the hypervisor gave them to another guest (`steal`).
+  Differences over a step say whether it shared the cores: busy - own is the other
+  processes' share; steal is time the step's threads were ready but not running."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  seconds = {"own": usage.ru_utime + usage.ru_stime, "own_system": usage.ru_stime}
+  try:
+    with open("/proc/stat") as f:
+      fields = [int(x) for x in f.readline().split()[1:9]]
+  except (OSError, ValueError):
+    return seconds
+  user, nice, system, _, _, irq, softirq, steal = fields
+  hz = os.sysconf("SC_CLK_TCK")
+  seconds.update(busy=(user + nice + system + irq + softirq) / hz, steal=steal / hz)
+  return seconds
 
 
 def best_seconds(fn, repeats: int) -> float:

@@ -52,6 +52,42 @@ def gc_stats(pauses: list[tuple[int, float]]) -> dict:
           "gc_ms_max": round(1000 * max((s for _, s in pauses), default=0.0), 2)}
 
 
+def _mark() -> tuple[float, dict]:
+  return time.perf_counter(), probes.cpu_seconds()
+
+
+def _step_record(start: tuple[float, dict], end: tuple[float, dict]) -> dict:
+  """One step's wall seconds and its CPU-time deltas (probes.cpu_seconds) between two marks."""
+  return {"wall": end[0] - start[0], **{k: v - start[1][k] for k, v in end[1].items()}}
+
+
+def slow_steps(*kinds: list[dict], over: float = 1.1) -> dict:
+  """Steps slower than `over` x their kind's median wall time beside the others: how many,
+  and per step on average the wall time, this process's CPU time (and its part in the
+  kernel), the other processes' CPU time (machine busy - own) and the hypervisor's steal, in
+  milliseconds. A slow step with
+  the typical own CPU time and more steal or others' time waited for the cores; one with
+  more own CPU time did more work."""
+  groups = {"slow": [], "typical": []}
+  for records in kinds:
+    median = float(np.median([r["wall"] for r in records]))
+    for r in records:
+      groups["slow" if r["wall"] > over * median else "typical"].append(r)
+
+  def summary(records):
+    ms = lambda key: round(1000 * float(np.mean([r[key] for r in records])), 1)
+    out = {"count": len(records)}
+    if records:
+      out.update(wall_ms=ms("wall"), own_cpu_ms=ms("own"), own_system_ms=ms("own_system"))
+      if "busy" in records[0]:
+        out["others_cpu_ms"] = round(1000 * float(np.mean(
+            [r["busy"] - r["own"] for r in records])), 1)
+        out["steal_ms"] = ms("steal")
+    return out
+
+  return {"over_median": over, **{k: summary(v) for k, v in groups.items()}}
+
+
 def random_batch(config: config_lib.StageConfig, rows: int, seed: int = 0) -> dict:
   """`rows` rows of uniformly random tokens, one document a row: speed ignores the text."""
   length, vocab = config.data.seq_len, config.model.vocab_size
@@ -152,31 +188,32 @@ def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
     jax.block_until_ready((state, metrics))
     return metrics
 
-  def loop_steps(count: int) -> tuple[list[float], float]:
-    """`count` steps dispatched back to back, as the train loop runs them: (the intervals
-    between their completions, the seconds from the first dispatch to the last completion).
-    Each step is waited for only once the next one is dispatched, so the device never waits
-    for the host, and the intervals are the loop's own step times."""
+  def loop_steps(count: int) -> tuple[list[dict], float]:
+    """`count` steps dispatched back to back, as the train loop runs them: (a record of each
+    interval between their completions, see _step_record; the seconds from the first
+    dispatch to the last completion). Each step is waited for only once the next one is
+    dispatched, so the device never waits for the host, and the intervals are the loop's
+    own step times."""
     nonlocal state
-    start = time.perf_counter()
-    done, intervals, previous = start, [], None
+    start = done = _mark()
+    intervals, previous = [], None
     for _ in range(count):
       state, metrics = programs.train_step(state, batch)
       if previous is not None:
         jax.block_until_ready(previous)
-        intervals.append(time.perf_counter() - done)
-        done = time.perf_counter()
+        intervals.append(_step_record(done, now := _mark()))
+        done = now
       previous = metrics
     jax.block_until_ready((state, metrics))
-    intervals.append(time.perf_counter() - done)
-    return intervals, time.perf_counter() - start
+    intervals.append(_step_record(done, end := _mark()))
+    return intervals, end[0] - start[0]
 
   start = time.perf_counter()
   first_loss = float(run_step()["loss"])
   compile_s = time.perf_counter() - start  # Tracing, compiling and running the first step.
   for _ in range(warmup):
     run_step()
-  times, loop_times, loop_s, bf16_times = [], [], 0.0, []
+  sync_records, loop_records, loop_s, bf16_times = [], [], 0.0, []
   # Synchronised and back-to-back steps alternate in rounds, so a drift of the machine's
   # speed during the run (other work starting or stopping) falls on both alike.
   rounds = [min(ROUND, steps - i) for i in range(0, steps, ROUND)]
@@ -188,13 +225,15 @@ def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
     for count in rounds:
       collector.collect(0, log_step=True)
       for _ in range(count):
-        start = time.perf_counter()
+        start = _mark()
         run_step()
-        times.append(time.perf_counter() - start)
+        sync_records.append(_step_record(start, _mark()))
       intervals, seconds = loop_steps(count)
-      loop_times += intervals
+      loop_records += intervals
       loop_s += seconds
       bf16_times += [twin[0]() for _ in range(count)] if twin else []
+  times = [r["wall"] for r in sync_records]
+  loop_times = [r["wall"] for r in loop_records]
   # Per timed step (synchronised, back-to-back and bf16 ones alike).
   timed_steps = len(times) + len(loop_times) + len(bf16_times)
   memory_events = {k: round((v - events_before[k]) / timed_steps, 1)
@@ -233,6 +272,9 @@ def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
       "tokens_per_sec": round(tokens_per_sec, 1),
       "loop_tokens_per_sec": round(tokens / loop_s, 1),
       "loop_ratio": round(step_s / loop_s, 4),
+      # The same comparison without the outliers' weight on one side only: means of both.
+      "loop_ratio_of_means": round(statistics.mean(times) / loop_s, 4),
+      "slow_steps": slow_steps(sync_records, loop_records),
       **gc_stats(gc_pauses), "memory_events_per_step": memory_events,
       "achieved_gflops": round(achieved[""], 1),
       "achieved_gflops_causal": round(achieved["_causal"], 1),
