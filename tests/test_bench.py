@@ -38,6 +38,12 @@ def test_flops_per_token_follow_palm():
   n = 2 * (32 * 96 + 32 * 32 + 2 * 32 * 64 + 2 * 32) + 100 * 32 + 32
   assert flops["params_counted"] == n
   assert flops["flops_per_token"] == 6 * n + 12 * 2 * 4 * 8 * 16  # 12 L H Q T.
+  # A LoRA step: the frozen base runs forward and input gradients (4 FLOPs a parameter),
+  # the adapters train (6).
+  adapters = {"a": jnp.zeros((32, 8))}
+  lora = flops_lib.train_flops_per_token(cfg, adapters, seq_len=16, frozen=_params(cfg))
+  assert lora["frozen_params_counted"] == n and lora["params_counted"] == 32 * 8
+  assert lora["flops_per_token"] == 6 * 32 * 8 + 4 * n + 12 * 2 * 4 * 8 * 16
   assert flops["flops_per_token_causal"] == 6 * n + 6 * 2 * 4 * 8 * 16
 
 
@@ -124,6 +130,17 @@ def test_train_benchmark_reports_throughput_and_mfu():
   assert bench_train.bf16_twin(config.replace(model={"dtype": "bfloat16"}), {}) is None
   assert "torch" not in report
   json.dumps(report)  # One printable JSON object.
+
+
+def test_a_lora_step_counts_its_frozen_base_in_the_flops():
+  c = tiny_config()
+  c.model.lora.rank, c.init_from = 2, "base_workdir"  # Random weights: the base is not read.
+  config = config_lib.stage_config(c)
+  report = bench_train.train(config, steps=1, warmup=0, torch="off")
+  plain = flops_lib.train_flops_per_token(config.model, _params(config.model), 32)
+  assert report["frozen_params_counted"] == plain["params_counted"]
+  assert 0 < report["params_counted"] < report["frozen_params_counted"]  # The adapters.
+  assert report["flops_per_token"] > 4 * report["frozen_params_counted"]
 
 
 def _record_steps(monkeypatch, events: list, name: str):

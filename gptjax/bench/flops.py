@@ -28,12 +28,22 @@ def decode_flops_per_token(cfg: model_lib.ModelConfig, context: float) -> float:
 
 
 
-def train_flops_per_token(cfg: model_lib.ModelConfig, params, seq_len: int) -> dict:
-  """PaLM's model FLOPs per token of a train step (see the module docstring)."""
-  n = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
-          if all(getattr(k, "key", None) != "pos_embedding" for k in path))
+def _matmul_params(params) -> int:
+  return sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
+             if all(getattr(k, "key", None) != "pos_embedding" for k in path))
+
+
+def train_flops_per_token(cfg: model_lib.ModelConfig, params, seq_len: int,
+                          frozen=None) -> dict:
+  """PaLM's model FLOPs per token of a train step (see the module docstring). `frozen`: the
+  parameters a LoRA step uses but does not train (its base), 4 FLOPs each per token, for
+  the forward and the input gradient; it has no weight gradient."""
+  n = _matmul_params(params)
+  n_frozen = 0 if frozen is None else _matmul_params(frozen)
   attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
-  return {"params_counted": int(n), "flops_per_token": int(6 * n + attention),
-          "flops_per_token_causal": int(6 * n + attention // 2)}
+  matmuls = 6 * n + 4 * n_frozen
+  return {"params_counted": int(n), "frozen_params_counted": int(n_frozen),
+          "flops_per_token": int(matmuls + attention),
+          "flops_per_token_causal": int(matmuls + attention // 2)}
 
 

@@ -172,9 +172,11 @@ def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
   reference = None if torch == "off" else _torch_or_skip(config, steps, required=torch == "on")
   cfg = config.model
   programs = steps_lib.programs_for(config)
+  base = None
   if config.lora.rank:  # A LoRA step's frozen base: random weights time the same.
     plain = steps_lib.compile_programs(config.replace(lora={"rank": 0}), programs.mesh)
-    programs = programs.with_base(plain.init(jax.random.key(config.train.seed)).params)
+    base = plain.init(jax.random.key(config.train.seed)).params
+    programs = programs.with_base(base)
   state = programs.init(jax.random.key(config.train.seed))
   t = config.train
   host_batch = random_batch(config, t.batch_size // jax.process_count(),
@@ -243,7 +245,7 @@ def train(config: config_lib.StageConfig, *, steps: int = 20, warmup: int = 2,
 
   tokens = t.batch_size * config.data.seq_len
   tokens_per_sec = tokens / step_s
-  flops = flops_lib.train_flops_per_token(cfg, state.params, config.data.seq_len)
+  flops = flops_lib.train_flops_per_token(cfg, state.params, config.data.seq_len, frozen=base)
   devices = programs.mesh.devices.flatten()
   platform = devices[0].platform
   # Accelerators need large matmuls to reach their peak; 1024 is enough for a CPU. Each
