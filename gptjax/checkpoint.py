@@ -59,9 +59,16 @@ _REQUIRED = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt")
 _JSON = ("_CHECKPOINT_METADATA", "state/_METADATA")
 
 
-def _first_line(error: BaseException) -> str:
+def _first_line(error: BaseException, limit: int = 300) -> str:
+  """The error's type and first line, for a one-line message: TensorStore's errors end that
+  line with their whole JSON spec (several KB), which is cut, and so is anything past
+  `limit` characters."""
   text = str(error).strip().splitlines()
-  return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+  if not text:
+    return type(error).__name__
+  line = text[0].split(" [tensorstore_spec=")[0]
+  line = line if len(line) <= limit else line[:limit - 3] + "..."
+  return f"{type(error).__name__}: {line}"
 
 
 class Checkpoints:
@@ -293,7 +300,11 @@ def latest_step(directory: str) -> int | None:
   """The latest complete checkpoint step in `directory`, None if none (creates nothing)."""
   if not os.path.isdir(directory):
     return None
-  return Checkpoints(directory, read_only=True).latest_step()
+  checkpoints = Checkpoints(directory, read_only=True)
+  try:
+    return checkpoints.latest_step()
+  finally:
+    checkpoints.close()
 
 
 def _restore_args(abstract_tree, partial: bool = False) -> ocp.args.PyTreeRestore:
