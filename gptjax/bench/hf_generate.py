@@ -44,7 +44,7 @@ def measure(model_dir: str, batch_sizes, prompt_len: int, new_tokens: int,
   for batch in batch_sizes:
     ids = torch.from_numpy(prompts(model.config.vocab_size, batch, prompt_len))
 
-    def generate(n: int):
+    def generate(n: int, ids=ids):
       with torch.inference_mode():
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                               min_new_tokens=n, do_sample=False, pad_token_id=0)
@@ -71,11 +71,10 @@ def peer(generator, batch_sizes, prompt_len: int, new_tokens: int, repeats: int 
   import jax
 
   from gptjax.errors import UserError
-  from gptjax.hf import exporter
-  from gptjax.hf import weights
+  from gptjax.hf import exporter, weights
   try:
-    import torch as _  # noqa: F401  pylint: disable=unused-import
-    import transformers as _  # noqa: F401,F811  pylint: disable=unused-import
+    import torch  # noqa: F401  pylint: disable=unused-import
+    import transformers  # noqa: F401  pylint: disable=unused-import
   except ImportError:
     return {"skipped": "torch and transformers are not installed (pip install -e .[bench])"}
   if jax.process_count() > 1 or jax.devices()[0].platform != "cpu":
