@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TINY_EXPERIMENT, gptjax, with_tokenizer
+from conftest import ALLOCATOR_ENV, ROOT, TINY_EXPERIMENT, gptjax, with_tokenizer
 
 EXPERIMENT = os.path.join(ROOT, "experiments", "shakespeare_pretrain.py")
 
@@ -66,8 +66,10 @@ def test_a_bug_keeps_its_traceback_and_says_it_is_one(tmp_path):
   code = ("import sys; from gptjax import evaluate, cli; "
           "evaluate.eval_workdir = lambda *a, **k: {}['missing']; "
           "sys.argv = ['gptjax', *sys.argv[1:]]; cli.run()")
+  # The allocator already preloaded: a restart of the command line would drop the patch.
   out = subprocess.run([sys.executable, "-c", code, "eval", "--workdir", str(tmp_path)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+                       capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, **ALLOCATOR_ENV})
   assert out.returncode == 2
   assert "Traceback" in out.stderr and "KeyError: 'missing'" in out.stderr
   assert "this is a bug in gptjax" in out.stderr
