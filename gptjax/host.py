@@ -46,6 +46,7 @@ import sys
 from gptjax.errors import UserError
 
 ALLOCATORS = ("auto", "jemalloc", "glibc")
+_OTHER_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")  # In LD_PRELOAD: "auto" keeps it.
 # Large blocks from the ordinary arenas (whose freed pages are reused) instead of a separate
 # one that returns them to the kernel at once; freed pages kept 30 s before being returned.
 JEMALLOC_CONF = "oversize_threshold:0,dirty_decay_ms:30000,muzzy_decay_ms:30000"
@@ -90,9 +91,13 @@ def jemalloc_library() -> str | None:
   return ctypes.util.find_library("jemalloc")
 
 
-def allocator_library(allocator: str, found: str | None) -> str | None:
+def allocator_library(allocator: str, found: str | None,
+                      preloaded: str | None = None) -> str | None:
   """The allocator library to preload for `config.host.allocator`, given the jemalloc library
-  `found` here (None: not installed); None means glibc's malloc."""
+  `found` here (None: not installed) and what LD_PRELOAD holds already (`preloaded`,
+  default: the environment's); None means no change (glibc's malloc, or the allocator the
+  environment already preloads: "auto" keeps a tcmalloc, jemalloc or mimalloc of yours, as
+  on machine images that preload tcmalloc)."""
   if allocator not in ALLOCATORS:
     raise UserError(f"host.allocator={allocator!r} is not one of {ALLOCATORS}; use 'auto' "
                     "(jemalloc where installed), 'jemalloc' or 'glibc'.")
@@ -100,7 +105,15 @@ def allocator_library(allocator: str, found: str | None) -> str | None:
     raise UserError("host.allocator='jemalloc' but no jemalloc library is installed here; "
                     "install it (Debian/Ubuntu: apt-get install libjemalloc2) or use "
                     "host.allocator='auto' or 'glibc'.")
+  if allocator == "auto" and preloads_allocator(preloaded):
+    return None
   return None if allocator == "glibc" else found
+
+
+def preloads_allocator(preloaded: str | None = None) -> bool:
+  """Whether LD_PRELOAD (`preloaded`, default: the environment's) holds a malloc library."""
+  preloaded = os.environ.get("LD_PRELOAD", "") if preloaded is None else preloaded
+  return any(name in preloaded for name in _OTHER_ALLOCATORS)
 
 
 def preload(library: str, environ: str | None = None) -> str:
@@ -120,8 +133,8 @@ def settings(hugepages: bool, xla_cpu_flags: str, allocator: str = "glibc",
   if library:
     env["LD_PRELOAD"] = preload(library)
     env["MALLOC_CONF"] = os.environ.get("MALLOC_CONF") or JEMALLOC_CONF  # Yours wins.
-  elif hugepages and hugepages_supported():
-    env["GLIBC_TUNABLES"] = glibc_tunables(True)
+  elif hugepages and hugepages_supported() and not preloads_allocator():
+    env["GLIBC_TUNABLES"] = glibc_tunables(True)  # Moot where another malloc is preloaded.
   return {k: v for k, v in env.items() if v != os.environ.get(k, "")}
 
 

@@ -41,6 +41,12 @@ def test_allocator_preloads_jemalloc_where_found_and_keeps_your_settings(monkeyp
   monkeypatch.setenv("LD_PRELOAD", "libother.so libjemalloc.so.2")
   env = host.settings(True, "auto", "jemalloc", jemalloc="libjemalloc.so.2")
   assert env["LD_PRELOAD"] == "libjemalloc.so.2 libother.so" and "MALLOC_CONF" not in env
+  # "auto" keeps an allocator the environment preloads already (TPU VM images: tcmalloc).
+  monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libtcmalloc.so.4")
+  assert "LD_PRELOAD" not in host.settings(True, "auto", "auto", jemalloc="libjemalloc.so.2")
+  assert host.settings(True, "auto", "jemalloc", jemalloc="libjemalloc.so.2")[
+      "LD_PRELOAD"] == "libjemalloc.so.2 /usr/lib/libtcmalloc.so.4"
+  assert "GLIBC_TUNABLES" not in host.settings(True, "auto", "glibc", jemalloc=None)  # Moot.
   with pytest.raises(UserError, match="apt-get install libjemalloc2"):
     host.settings(True, "auto", "jemalloc", jemalloc=None)
   with pytest.raises(UserError, match="host.allocator='tcmalloc' is not one of"):
