@@ -18,6 +18,7 @@ from collections.abc import Mapping
 
 import ml_collections
 
+from gptjax import host as host_lib
 from gptjax.errors import UserError
 from gptjax.model import ModelConfig
 
@@ -379,7 +380,7 @@ class HostConfig:
   allocator: str = "auto"  # Absent from workdirs written before it existed.
 
   def __post_init__(self):
-    _check(self.allocator in ("auto", "jemalloc", "glibc"), "host.allocator", self.allocator,
+    _check(self.allocator in host_lib.ALLOCATORS, "host.allocator", self.allocator,
            "'auto' (jemalloc where installed), 'jemalloc' or 'glibc'")
 
 

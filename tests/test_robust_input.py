@@ -66,7 +66,7 @@ BAD_VALUES = [
     ("dialogue", "long_conversations", "all"), ("dialogue", "history_weight", "high"),
     ("tokenizer", "model_type", "word"), ("tokenizer", "max_chars", 0),
     ("mesh", "data", 0), ("mesh", "fsdp", -2), ("mesh", "tensor", "x"),
-    ("host", "hugepages", "yes"),
+    ("host", "hugepages", "yes"), ("host", "allocator", "tcmalloc"),
     (None, "init_from_step", "banana"), (None, "stage", 3),
 ]
 

@@ -65,9 +65,8 @@ def slow_steps(*kinds: list[dict], over: float = 1.1) -> dict:
   """Steps slower than `over` x their kind's median wall time beside the others: how many,
   and per step on average the wall time, this process's CPU time (and its part in the
   kernel), the other processes' CPU time (machine busy - own) and the hypervisor's steal, in
-  milliseconds. A slow step with
-  the typical own CPU time and more steal or others' time waited for the cores; one with
-  more own CPU time did more work."""
+  milliseconds. A slow step with the typical own CPU time and more steal or others' time
+  waited for the cores; one with more own CPU time did more work (or ran slower)."""
   groups = {"slow": [], "typical": []}
   for records in kinds:
     median = float(np.median([r["wall"] for r in records]))
