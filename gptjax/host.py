@@ -15,14 +15,15 @@ Three settings (`config.host`), each measured on the CPU train benchmark
                  30 s), hands the same pages back to the next step: kernel time 5-24 ms a
                  step, the step 19-20% shorter in two A/B pairs (6-21% in later runs), at
                  the cost of keeping the freed memory (peak resident memory +0.7 GB on the
-                 reference step). It must be loaded
-                 when the process starts, so the command line re-executes itself once with
-                 LD_PRELOAD (and MALLOC_CONF, unless set) in its environment.
-  hugepages      With glibc's malloc only: XLA:CPU allocates a step's temporaries afresh on every call (700 MB for the
-                 reference step), and glibc serves an allocation that large with a new mmap,
-                 so the kernel faults in and zeroes ~185,000 4-KiB pages a step: 18% of the
-                 step time. glibc's tunable `glibc.malloc.hugetlb=1` backs these allocations
-                 with 2-MiB transparent huge pages (~900 faults a step). glibc reads tunables
+                 reference step). It must be loaded when the process starts, so the command
+                 line re-executes itself once with LD_PRELOAD (and MALLOC_CONF, unless set)
+                 in its environment.
+  hugepages      With glibc's malloc only: XLA:CPU allocates a step's temporaries afresh on
+                 every call (700 MB for the reference step), and glibc serves an allocation
+                 that large with a new mmap, so the kernel faults in and zeroes ~185,000
+                 4-KiB pages a step: 18% of the step time. glibc's tunable
+                 `glibc.malloc.hugetlb=1` backs these allocations with 2-MiB transparent
+                 huge pages (~900 faults a step). glibc reads tunables
                  only when a process starts, so the command line re-executes itself once with
                  GLIBC_TUNABLES set (Linux with glibc and transparent huge pages only).
   xla_cpu_flags  XLA flags for the CPU backend. "auto" is CPU_XLA_FLAGS, the fastest measured:
@@ -176,9 +177,11 @@ def describe() -> dict:
 
 
 def allocator_in_use() -> str:
-  """"jemalloc" if this process has it loaded (Linux: its memory maps say), else "glibc"."""
+  """The malloc library this process has loaded ("jemalloc", "tcmalloc", "mimalloc"; Linux:
+  its memory maps say), else "glibc"."""
   try:
     with open("/proc/self/maps") as f:
-      return "jemalloc" if "libjemalloc" in f.read() else "glibc"
+      maps = f.read()
   except OSError:
     return "glibc"
+  return next((name for name in _OTHER_ALLOCATORS if f"lib{name}" in maps), "glibc")

@@ -18,9 +18,8 @@ if host.hugepages_supported():
 # Likewise the allocator the command line preloads where it is installed (host.allocator
 # "auto"), for the `gptjax()` subprocesses only: other programs the tests start (Chromium)
 # keep their own.
-ALLOCATOR_ENV = ({"LD_PRELOAD": host.preload(host.jemalloc_library()),
-                  "MALLOC_CONF": os.environ.get("MALLOC_CONF") or host.JEMALLOC_CONF}
-                 if host.jemalloc_library() else {})
+ALLOCATOR_ENV = {k: v for k, v in host.settings(True, "", "auto", host.jemalloc_library()).items()
+                 if k in ("LD_PRELOAD", "MALLOC_CONF")}
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import shutil  # noqa: E402
