@@ -296,6 +296,15 @@ def _warn(line: str):
     print(f"gptjax: warning: {line}", file=sys.stderr, flush=True)
 
 
+def resolve_step(directory: str, step: int | str | None) -> int:
+  """Checkpoints.resolve on `directory`, opened read-only and closed again (creates nothing)."""
+  checkpoints = Checkpoints(directory, read_only=True)
+  try:
+    return checkpoints.resolve(step)
+  finally:
+    checkpoints.close()
+
+
 def latest_step(directory: str) -> int | None:
   """The latest complete checkpoint step in `directory`, None if none (creates nothing)."""
   if not os.path.isdir(directory):

@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from gptjax import checkpoint as ckpt_lib
 from gptjax import classify as classify_lib
 from gptjax import config as config_lib
 from gptjax import datasets
@@ -61,6 +62,8 @@ def eval_workdir(workdir: str, *, split: str | None = None, step: str | None = N
   For a dialogue run trained on JSONL files, `split` may be a JSONL path.
   """
   config = workdir_lib.read_config(workdir)
+  # A missing checkpoint is an error before the eval set is built and the step compiled.
+  ckpt_lib.resolve_step(workdir_lib.checkpoint_dir(workdir), step)
   if split:
     config = config.replace(data=with_eval_split(config.data, split))
   mesh = mesh or sharding.make_mesh(config.mesh.sizes)

@@ -301,11 +301,7 @@ def merge_workdir(workdir: str, out: str, step=None) -> dict:
   out = os.path.abspath(out)
   if os.path.exists(out):
     raise UserError(f"--out {out} exists; pass a new directory.")
-  checkpoints = ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True)
-  try:
-    step = checkpoints.resolve(step)
-  finally:
-    checkpoints.close()
+  step = ckpt_lib.resolve_step(workdir_lib.checkpoint_dir(workdir), step)
   from gptjax import steps as steps_lib  # pylint: disable=import-outside-toplevel  (imports lora)
   plain = config.replace(lora={"rank": 0})
   programs = steps_lib.compile_programs(plain, sharding.make_mesh(plain.mesh.sizes))

@@ -191,11 +191,7 @@ def _init_source(config: config_lib.StageConfig, init_from: str) -> InitSource:
                     f"({'; '.join(diffs)}); use the same model config as that stage.")
   if not os.path.exists(tokenizer_path(source)):
     raise UserError(f"init_from={source} has no tokenizer.model; pass a complete workdir.")
-  checkpoints = ckpt_lib.Checkpoints(checkpoint_dir(source), read_only=True)
-  try:
-    step = checkpoints.resolve(config.init_from_step)
-  finally:
-    checkpoints.close()
+  step = ckpt_lib.resolve_step(checkpoint_dir(source), config.init_from_step)
   return InitSource(workdir=source, step=step)
 
 

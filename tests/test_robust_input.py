@@ -107,6 +107,22 @@ def _dialogue_stage(train_file, eval_file="", **groups):
                       "eval_files": str(eval_file)}, **groups)
 
 
+def test_eval_of_a_run_without_that_checkpoint_is_refused_before_building_the_eval_set(
+    tmp_path, trained_workdir, monkeypatch):
+  from gptjax import evaluate
+
+  def no_eval_set(*args, **kwargs):
+    raise AssertionError("the eval set was built before the checkpoint was checked")
+
+  monkeypatch.setattr(datasets, "eval_batches", no_eval_set)
+  no_ckpt = shutil.copytree(trained_workdir, tmp_path / "no_ckpt",
+                            ignore=shutil.ignore_patterns("checkpoints"))
+  with pytest.raises(UserError, match="No checkpoint at all"):
+    evaluate.eval_workdir(str(no_ckpt))
+  with pytest.raises(UserError, match="No checkpoint 99"):
+    evaluate.eval_workdir(trained_workdir, step="99")
+  assert not (no_ckpt / "checkpoints").exists(), "a reader created a checkpoints folder"
+
 def test_init_from_problems_are_refused_before_anything_is_written(tmp_path, trained_workdir,
                                                                    tiny_tokenizer_file):
   cases = {
