@@ -32,8 +32,9 @@
            Serving throughput and latency with concurrent streaming clients on the loopback,
            next to sequential chat-style decoding, as JSON.
   bench    train --config experiments/NAME.py [--steps N] [--torch auto|on|off]
+           [--bf16 auto|off]
            Train step tokens/s, compile time and MFU (on the CPU, next to the PyTorch
-           reference step's tokens/s), as JSON. With --workdir DIR alone: the tokens/s
+           reference step's tokens/s and the bfloat16 step's time), as JSON. With --workdir DIR alone: the tokens/s
            that a `gptjax train` run logged there.
   serve    --workdir DIR [--step N|best] [--host 127.0.0.1] [--port 8000] [--max_batch 16]
            [--api_key KEY]
@@ -123,6 +124,9 @@ _TORCH = flags.DEFINE_enum(
     "(gptjax/bench/torch_gpt.py); bench decode: also time transformers' generate on the same "
     "model (gptjax/bench/hf_generate.py); auto: when they are installed and the run is on the "
     "CPU.")
+_BF16 = flags.DEFINE_enum(
+    "bf16", "auto", ["auto", "off"], "bench train: also time the same step computing in "
+    "bfloat16 (auto: for a float32 model on the CPU); off skips it (one compile fewer).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "serve: address to listen on.")
 _PORT = flags.DEFINE_integer("port", 8000, "serve: TCP port to listen on.")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "serve: decode slots (concurrent requests).")
@@ -395,7 +399,7 @@ def cmd_bench(kind: str | None = None):
     raise UserError(f"--batch_sizes={','.join(_BATCH_SIZES.value)} is not a list of batch "
                     "sizes; expected positive integers, e.g. --batch_sizes=1,8,64.")
   print(json.dumps(bench.run(kind, workdir=_WORKDIR.value, config=config, step=_step(),
-                             steps=_BENCH_STEPS.value, torch=_TORCH.value,
+                             steps=_BENCH_STEPS.value, torch=_TORCH.value, bf16=_BF16.value,
                              clients=_CLIENTS.value, requests=_REQUESTS.value,
                              max_batch=_MAX_BATCH.value, batch_sizes=batch_sizes),
                    indent=2))
@@ -499,7 +503,7 @@ COMMANDS = {
     "sample": (cmd_sample, ("workdir", "step", "prompt", "prompt_file", "json", "num_samples",
                             *SAMPLING_FLAGS)),
     "chat": (cmd_chat, ("workdir", "step", "system", "message", "json", *SAMPLING_FLAGS)),
-    "bench": (cmd_bench, ("config", "workdir", "step", "steps", "torch", "batch_sizes",
+    "bench": (cmd_bench, ("config", "workdir", "step", "steps", "torch", "bf16", "batch_sizes",
                           "clients", "requests", "max_batch")),
     "serve": (cmd_serve, ("workdir", "step", "host", "port", "max_batch", "api_key")),
     "import-hf": (cmd_import_hf, ("model", "workdir", "dtype")),

@@ -174,6 +174,14 @@ def test_torch_is_timed_before_and_after_gptjax_and_compared_with_their_mean(mon
   assert report["ratio_to_torch"] == pytest.approx(report["tokens_per_sec"] / 2e6, abs=1e-3)
 
 
+def test_bench_train_bf16_off_skips_the_bfloat16_twin(monkeypatch):
+  calls = []
+  monkeypatch.setattr(bench_train, "train", lambda config, **kw: calls.append(kw) or {})
+  config = config_lib.stage_config(tiny_config())
+  bench_train.run(config=config, steps=3, torch="off", bf16="off")
+  bench_train.run(config=config, steps=3, torch="off")
+  assert [c["compare_bf16"] for c in calls] == [False, True]
+
 def test_synchronised_and_back_to_back_steps_alternate_in_rounds(monkeypatch):
   events, real_block = [], jax.block_until_ready
   _record_steps(monkeypatch, events, "step")

@@ -330,9 +330,10 @@ def logged_rate(workdir: str, skip: int = 1) -> dict:
 
 
 def run(*, workdir: str | None = None, config: config_lib.StageConfig | None = None,
-        step=None, steps: int = 20, torch: str = "auto", **unused_flags) -> dict:
+        step=None, steps: int = 20, torch: str = "auto", bf16: str = "auto",
+        **unused_flags) -> dict:
   """The train benchmark of --config (a fresh model on random tokens), or the rate a trained
-  --workdir logged."""
+  --workdir logged. `bf16` "off" skips the bfloat16 twin (see `train`)."""
   del step
   if workdir and config is None:
     return logged_rate(workdir)
@@ -340,4 +341,4 @@ def run(*, workdir: str | None = None, config: config_lib.StageConfig | None = N
     raise UserError("`bench train` needs --config FILE (e.g. experiments/bench_cpu.py) to "
                      "time a fresh model on random tokens, or --workdir DIR alone to read the "
                      "rate a `gptjax train` run logged.")
-  return train(config, steps=steps, torch=torch)
+  return train(config, steps=steps, torch=torch, compare_bf16=bf16 != "off")
