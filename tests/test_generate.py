@@ -68,6 +68,38 @@ def test_cached_decoding_matches_full_forward_at_every_position(positions, scan)
   np.testing.assert_allclose(got_BLV[1, pad:], full_BLV[1, :-pad], atol=2e-5, rtol=1e-5)
 
 
+def test_one_row_decodes_by_multiply_and_sum_with_the_full_forward_logits():
+  # On the CPU one row's decode step multiplies and sums instead of running matmuls over its
+  # cache (model._elementwise_decode); the logits still match the full forward pass.
+  model, params = _tiny()
+  tokens = jax.random.randint(jax.random.key(2), (1, 14), 0, TINY["vocab_size"])
+  full_BLV = model.apply({"params": params}, tokens)
+  cache = model_lib.init_cache(model.cfg, jnp.array([0]), 14)
+  logits_BLV, cache = model.apply({"params": params}, tokens[:, :5], cache=cache)
+  got = [logits_BLV]
+  for c in range(5, 14):
+    logits_BLV, cache = model.apply({"params": params}, tokens[:, c:c + 1], cache=cache)
+    got.append(logits_BLV)
+  np.testing.assert_allclose(jnp.concatenate(got, axis=1), full_BLV, atol=2e-5, rtol=1e-5)
+  one, two = jnp.zeros((1, 1, 2, 16)), jnp.zeros((2, 1, 2, 16))
+  assert model_lib._elementwise_decode(one)  # Tests run on the CPU.
+  assert not model_lib._elementwise_decode(two)  # More rows: matmuls.
+  assert not model_lib._elementwise_decode(jnp.zeros((1, 5, 2, 16)))  # Prefill: matmuls.
+
+
+def test_one_row_decode_step_does_not_copy_its_caches():
+  # With matmuls over the cache, XLA:CPU copied every layer's K and V caches in each step of
+  # the batch-1 decode loop; the multiply-and-sum reads them in place.
+  generator = _generator()
+  run = generator.start(_prompts([5]), GREEDY)
+  hlo = generator.decode_program.lower(generator.params, run.state, run.knobs, plan=run.plan,
+                                       steps=4).compile().as_text()
+  k_BHSK = run.state.cache.k_BHSK[0]
+  shape = "f32[" + ",".join(map(str, k_BHSK.shape)) + "]"
+  copies = [line for line in hlo.splitlines()
+            if f"= {shape}" in line and " copy(" in line]
+  assert not copies, copies[:3]
+
 @pytest.mark.parametrize("positions", ["learned", "rope"])
 def test_greedy_equals_repeated_full_forward_argmax(positions):
   model, params = _tiny(positions=positions)
