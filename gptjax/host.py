@@ -176,12 +176,13 @@ def describe() -> dict:
           "hugepages": HUGEPAGES_TUNABLE in started_with("GLIBC_TUNABLES")}
 
 
-def allocator_in_use() -> str:
+def allocator_in_use(maps: str | None = None) -> str:
   """The malloc library this process has loaded ("jemalloc", "tcmalloc", "mimalloc"; Linux:
-  its memory maps say), else "glibc"."""
-  try:
-    with open("/proc/self/maps") as f:
-      maps = f.read()
-  except OSError:
-    return "glibc"
+  its memory maps say, or `maps`, a /proc/PID/maps text), else "glibc"."""
+  if maps is None:
+    try:
+      with open("/proc/self/maps") as f:
+        maps = f.read()
+    except OSError:
+      return "glibc"
   return next((name for name in _OTHER_ALLOCATORS if f"lib{name}" in maps), "glibc")

@@ -78,3 +78,11 @@ def test_command_line_restarts_itself_with_huge_pages(tmp_path):
   default = report()
   assert default["allocator"] == ("jemalloc" if host.jemalloc_library() else "glibc")
   assert default["hugepages"] == (default["allocator"] == "glibc")
+
+
+def test_allocator_in_use_names_the_malloc_library_in_the_memory_maps():
+  line = "7f00-7f10 r-xp 00000000 08:01 42 /usr/lib/x86_64-linux-gnu/{}\n"
+  cases = {"libtcmalloc_minimal.so.4": "tcmalloc", "libmimalloc.so.2": "mimalloc",
+           "libjemalloc.so.2": "jemalloc", "libc.so.6": "glibc"}
+  for library, name in cases.items():
+    assert host.allocator_in_use(line.format("libpython3.11.so") + line.format(library)) == name
