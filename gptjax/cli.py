@@ -34,8 +34,8 @@
   bench    train --config experiments/NAME.py [--steps N] [--torch auto|on|off]
            [--bf16 auto|off]
            Train step tokens/s, compile time and MFU (on the CPU, next to the PyTorch
-           reference step's tokens/s and the bfloat16 step's time), as JSON. With --workdir DIR alone: the tokens/s
-           that a `gptjax train` run logged there.
+           reference step's tokens/s and the bfloat16 step's time), as JSON. With
+           --workdir DIR alone: the tokens/s that a `gptjax train` run logged there.
   serve    --workdir DIR [--step N|best] [--host 127.0.0.1] [--port 8000] [--max_batch 16]
            [--api_key KEY]
            An OpenAI-compatible HTTP API with continuous batching, and a chat page at /.

@@ -270,7 +270,7 @@ def _elementwise_decode(q_BLHK) -> bool:
   of one row on the CPU. There XLA fuses the matmuls' cache operands with the cache write in
   a way that copies each layer's K and V caches several times a step (16 whole-cache copies
   a step for the 4-layer demo model); a multiply and a sum read the caches in place, and the
-  batch-1 decode step ran 10-15% faster (0.37-0.38 against 0.41-0.45 ms, 2-core Xeon VM).
+  batch-1 decode step ran 10-20% faster (0.34-0.39 against 0.42-0.46 ms, 2-core Xeon VM).
   With more rows the matmuls win (batch 8: 0.9 against 1.2-1.3 ms)."""
   B, L = q_BLHK.shape[:2]
   return B == 1 and L == 1 and jax.devices()[0].platform == "cpu"
