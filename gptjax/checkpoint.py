@@ -265,6 +265,7 @@ class Checkpoints:
       self.manager.wait_until_finished()
 
   def close(self):
+    """Waits for a save in flight and releases the manager (also on leaving a `with` block)."""
     reported = self._failed  # A failure already raised is not raised twice.
     try:
       with self._writing():
@@ -272,6 +273,12 @@ class Checkpoints:
     except CheckpointWriteError:
       if not reported:
         raise
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
 
 
 def _quiet_closed_loop_callbacks():
@@ -298,22 +305,16 @@ def _warn(line: str):
 
 def resolve_step(directory: str, step: int | str | None) -> int:
   """Checkpoints.resolve on `directory`, opened read-only and closed again (creates nothing)."""
-  checkpoints = Checkpoints(directory, read_only=True)
-  try:
+  with Checkpoints(directory, read_only=True) as checkpoints:
     return checkpoints.resolve(step)
-  finally:
-    checkpoints.close()
 
 
 def latest_step(directory: str) -> int | None:
   """The latest complete checkpoint step in `directory`, None if none (creates nothing)."""
   if not os.path.isdir(directory):
     return None
-  checkpoints = Checkpoints(directory, read_only=True)
-  try:
+  with Checkpoints(directory, read_only=True) as checkpoints:
     return checkpoints.latest_step()
-  finally:
-    checkpoints.close()
 
 
 def _restore_args(abstract_tree, partial: bool = False) -> ocp.args.PyTreeRestore:

@@ -257,16 +257,13 @@ def load_params(workdir: str, step: int, abstract_params):
   """Plain parameters of checkpoint `step` of a run onto `abstract_params`' shardings: for a
   LoRA run, its base's (recursively) with the adapters folded in."""
   config = workdir_lib.read_config(workdir)
-  checkpoints = ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True)
-  try:
+  with ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True) as checkpoints:
     if not config.lora.rank:
       return checkpoints.restore_params(step, abstract_params)
     from gptjax import steps as steps_lib  # pylint: disable=import-outside-toplevel  (imports lora)
     mesh = jax.tree.leaves(abstract_params)[0].sharding.mesh
     programs = steps_lib.compile_programs(config, mesh)
     adapters = checkpoints.restore_params(step, programs.abstract_state().params)
-  finally:
-    checkpoints.close()
   # Parameters the base lacks (a classification head) come with the adapters.
   base = load_params(*base_source(config, workdir),
                      {k: v for k, v in abstract_params.items() if k != classify_lib.HEAD})
@@ -279,11 +276,8 @@ def load_checkpoint(workdir: str, step, abstract_params):
   """(parameters, step) of checkpoint `step` (None: latest, "best" or a number) of a run, as
   `load_params` gives them; the latest falls back to the newest step that restores if its
   arrays are damaged (Checkpoints.load). For readers: sampling, serving, classifying."""
-  checkpoints = ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True)
-  try:
+  with ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True) as checkpoints:
     return checkpoints.load(step, lambda n: load_params(workdir, n, abstract_params))
-  finally:
-    checkpoints.close()
 
 
 def load_base(config, workdir: str, abstract_base):

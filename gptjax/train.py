@@ -218,15 +218,12 @@ def _start_state(stage: workdir_lib.Stage, programs: steps_lib.Programs, checkpo
   state = programs.init(jax.random.key(stage.config.train.seed))
   if stage.init and not stage.config.lora.rank:  # A LoRA stage's init_from is its frozen base.
     # Parameters from the earlier stage; optimizer state and step start fresh.
-    source = ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(stage.init.workdir),
-                                  read_only=True)
     # A new classification head (not in the source) keeps its fresh initialisation.
     abstract = {k: v for k, v in programs.abstract_state().params.items()
                 if k != classify_lib.HEAD}
-    try:
+    with ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(stage.init.workdir),
+                              read_only=True) as source:
       params = source.restore_params(stage.init.step, abstract)
-    finally:
-      source.close()
     state = state.replace(params={**state.params, **params})
   return state, 0
 

@@ -132,12 +132,9 @@ def import_hf(model_dir: str, out: str, *, dtype: str = "float32", mesh=None) ->
     os.makedirs(tmp)
     tokenizer.save(workdir_lib.tokenizer_path(tmp))
     workdir_lib.atomic_write(workdir_lib.config_path(tmp), config_lib.to_json(config))
-    checkpoints = ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(tmp), max_to_keep=1)
-    try:
+    with ckpt_lib.Checkpoints(workdir_lib.checkpoint_dir(tmp), max_to_keep=1) as checkpoints:
       checkpoints.save(0, {"params": params})
       checkpoints.wait()
-    finally:
-      checkpoints.close()
     os.rename(tmp, out)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
